@@ -1,0 +1,7 @@
+"""m2d_jax: Mixture-of-Experts -> dense conversion and distillation in JAX/Flax."""
+
+__version__ = "0.1.0"
+
+from m2d_jax.api import from_pretrained  # noqa: E402
+
+__all__ = ["from_pretrained", "__version__"]

@@ -1,0 +1,65 @@
+"""ml-collections configs from ``configs/``, with ``--config.a.b=value`` command-line overrides."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name_or_path: str | Path) -> ConfigDict:
+    """Load ``get_config()`` from a config file: a path, or a name relative to ``configs/`` (``.py`` optional)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        path = CONFIG_DIR / (str(name_or_path) + ("" if str(name_or_path).endswith(".py") else ".py"))
+    if not path.exists():
+        raise FileNotFoundError(f"config {name_or_path!r} not found (looked for it as a path and in {CONFIG_DIR})")
+    spec = importlib.util.spec_from_file_location(f"m2d_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: a config file must define get_config()")
+    return module.get_config()
+
+
+def _parse_value(text: str, old):
+    if isinstance(old, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(old, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+def apply_overrides(config: ConfigDict, overrides: list[str], prefix: str = "config.") -> ConfigDict:
+    """Apply ``["config.model.num_experts=16", ...]`` (leading ``--`` optional); unknown keys are errors."""
+    for item in overrides:
+        item = item.lstrip("-")
+        if not item.startswith(prefix) or "=" not in item:
+            raise ValueError(f"bad override {item!r}: expected --{prefix}KEY=VALUE")
+        key, text = item[len(prefix):].split("=", 1)
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if part not in node:
+                raise KeyError(f"unknown config key {key!r} (no {part!r})")
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"unknown config key {key!r}; known here: {sorted(node.keys())}")
+        value = _parse_value(text, node[leaf])
+        try:
+            node[leaf] = value
+        except TypeError as err:
+            raise TypeError(f"config key {key!r}: {err}") from err
+    return config

@@ -1,0 +1,126 @@
+"""Declarative HF <-> m2d_jax key maps, written once and used in both directions.
+
+A ``Rule`` ties one HF tensor key template to one or more parameter paths of the m2d_jax tree, with an invertible
+``Transform`` between the HF tensor and the parameter slice(s). Layer rules are instantiated per layer (``{layer}``)
+and, for per-expert HF layouts, per expert (``{expert}``); the parameter slice is then ``param[layer_in_stack]`` or
+``param[layer_in_stack, expert]``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+Path = tuple  # a parameter path in the nnx state, e.g. ("attn", "q_proj", "kernel")
+
+
+class Transform(abc.ABC):
+    """Maps one HF tensor to parameter slices (``to_m2d``) and back (``to_hf``)."""
+
+    @abc.abstractmethod
+    def hf_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        """The HF tensor shape that corresponds to parameter slices of these shapes."""
+
+    @abc.abstractmethod
+    def to_m2d(self, tensor: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> tuple[np.ndarray, ...]:
+        """HF tensor -> one array per parameter path, of the given shapes."""
+
+    @abc.abstractmethod
+    def to_hf(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Parameter slices -> the HF tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Same(Transform):
+    """The parameter slice is the HF tensor (norm scales, embeddings)."""
+
+    def hf_shape(self, shapes):
+        return tuple(shapes[0])
+
+    def to_m2d(self, tensor, shapes):
+        return (tensor,)
+
+    def to_hf(self, arrays):
+        return arrays[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat(Transform):
+    """A flat HF vector <-> a multi-axis parameter, e.g. a q_proj bias [heads*head_dim] <-> [heads, head_dim]."""
+
+    def hf_shape(self, shapes):
+        return (math.prod(shapes[0]),)
+
+    def to_m2d(self, tensor, shapes):
+        return (tensor.reshape(shapes[0]),)
+
+    def to_hf(self, arrays):
+        return arrays[0].reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear(Transform):
+    """torch ``nn.Linear`` weight [out, in] <-> kernel [*in_axes, *out_axes] (``n_in`` leading input axes)."""
+    n_in: int = 1
+
+    def hf_shape(self, shapes):
+        s = shapes[0]
+        return (math.prod(s[self.n_in:]), math.prod(s[:self.n_in]))
+
+    def to_m2d(self, tensor, shapes):
+        return (tensor.T.reshape(shapes[0]),)
+
+    def to_hf(self, arrays):
+        a = arrays[0]
+        return a.reshape(math.prod(a.shape[:self.n_in]), -1).T
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedGateUp(Transform):
+    """transformers-v5 in-memory experts ``gate_up_proj`` [E, 2I, H] <-> gate, up kernels [E, H, I] each."""
+
+    def hf_shape(self, shapes):
+        e, h, i = shapes[0]
+        return (e, 2 * i, h)
+
+    def to_m2d(self, tensor, shapes):
+        i = shapes[0][2]
+        return tensor[:, :i].swapaxes(1, 2), tensor[:, i:].swapaxes(1, 2)
+
+    def to_hf(self, arrays):
+        return np.concatenate([a.swapaxes(1, 2) for a in arrays], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedLinear(Transform):
+    """Stacked torch weights [E, out, in] <-> kernels [E, in, out]."""
+
+    def hf_shape(self, shapes):
+        e, i, o = shapes[0]
+        return (e, o, i)
+
+    def to_m2d(self, tensor, shapes):
+        return (tensor.swapaxes(1, 2),)
+
+    def to_hf(self, arrays):
+        return arrays[0].swapaxes(1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str  # key template; {layer} = global layer index, {expert} = expert index
+    paths: tuple[Path, ...]  # parameter paths, relative to the model (global rules) or to a layer (layer rules)
+    transform: Transform = Same()
+
+    @property
+    def per_expert(self) -> bool:
+        return "{expert}" in self.hf
+
+
+def rule(hf: str, *paths: str, transform: Transform = Same()) -> Rule:
+    """``rule("model.norm.weight", "final_norm/scale")``: paths written with slashes."""
+    return Rule(hf, tuple(tuple(p.split("/")) for p in paths), transform)

@@ -1,0 +1,159 @@
+"""Streaming HF import (and its inverse, the HF tensor view of a model used by export).
+
+Import walks the parameter leaves of the abstract model one at a time: for each leaf it allocates one host buffer,
+fills it slice by slice from memory-mapped safetensors (converting to the target dtype as it copies), moves it to
+the device and drops it. Peak host memory is the output tree plus one leaf; the checkpoint is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from m2d_jax.hf.adapters import IGNORED_KEY_SUFFIXES, adapter_for
+from m2d_jax.hf.keymap import Rule
+from m2d_jax.hf.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from m2d_jax.models import CausalLM, ModelConfig, abstract_model
+
+log = logging.getLogger(__name__)
+
+
+def read_hf_config(path: str | Path) -> tuple[dict, str]:
+    config_path = Path(path) / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{path}: no config.json (expected an HF checkpoint directory)")
+    try:
+        return json.loads(config_path.read_text()), str(config_path)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path}: malformed JSON ({err})") from err
+
+
+def hf_model_config(path: str | Path, **overrides) -> ModelConfig:
+    """The ``ModelConfig`` of an HF checkpoint directory (reads config.json only)."""
+    hf, source = read_hf_config(path)
+    config = adapter_for(hf.get("model_type"), source).config_from_hf(hf, source)
+    return config.replace(**overrides) if overrides else config
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Placement:
+    """Where a rule's parameter slices live: the global tree, or one scanned stack (layers start..start+num)."""
+    rule: Rule
+    prefix: tuple = ()
+    start: int | None = None  # first global layer of the stack; None for global rules
+    num: int = 0
+    num_experts: int = 0
+
+    def slices(self):
+        """(hf_key, index into the leaf) for every HF tensor of this rule."""
+        if self.start is None:
+            yield self.rule.hf, ()
+            return
+        for local in range(self.num):
+            if self.rule.per_expert:
+                for e in range(self.num_experts):
+                    yield self.rule.hf.format(layer=self.start + local, expert=e), (local, e)
+            else:
+                yield self.rule.hf.format(layer=self.start + local), (local,)
+
+
+def _placements(model_config: ModelConfig, adapter, expert_layout: str) -> dict[tuple, tuple[_Placement, int]]:
+    """Full leaf path -> (placement, component index of the rule's transform output)."""
+    out: dict[tuple, tuple[_Placement, int]] = {}
+    for r in adapter.global_rules(model_config):
+        for i, p in enumerate(r.paths):
+            out[p] = (_Placement(r, ()), i)
+    for s, (kind, start, num) in enumerate(model_config.stacks):
+        prefix = ("stacks", s)
+        for r in adapter.layer_rules(model_config, kind, expert_layout):
+            placement = _Placement(r, prefix, start, num, model_config.num_experts)
+            for i, p in enumerate(r.paths):
+                out[prefix + p] = (placement, i)
+    return out
+
+
+def _leaf_shapes(placement: _Placement, abs_leaves: dict) -> list[tuple[int, ...]]:
+    """Shapes of one slice of each of the rule's parameters (leaf shape without the stacked axes)."""
+    n_index = 0 if placement.start is None else (2 if placement.rule.per_expert else 1)
+    return [tuple(abs_leaves[placement.prefix + p].shape[n_index:]) for p in placement.rule.paths]
+
+
+def _detect_expert_layout(ckpt: SafetensorsCheckpoint, model_config: ModelConfig, adapter) -> str:
+    layouts = getattr(adapter, "expert_layouts", ("per_expert",))
+    moe_stacks = [(start, num) for kind, start, num in model_config.stacks if kind == "moe"]
+    if not moe_stacks:
+        return layouts[0]
+    for layout in layouts:
+        probe = adapter.layer_rules(model_config, "moe", layout)[-1]
+        if probe.hf.format(layer=moe_stacks[0][0], expert=0) in ckpt:
+            return layout
+    return layouts[0]  # let the missing-key error name the expected key
+
+
+def load_hf(path: str | Path, dtype: str = "float32", progress: bool = True, **config_overrides) -> CausalLM:
+    """Import an HF safetensors checkpoint directory into a ``CausalLM`` (params in ``dtype``)."""
+    path = Path(path)
+    hf, source = read_hf_config(path)
+    adapter = adapter_for(hf.get("model_type"), source)
+    model_config = adapter.config_from_hf(hf, source).replace(dtype=dtype, compute_dtype=dtype, **config_overrides)
+    abs_model = abstract_model(model_config)
+    graphdef, abs_state = nnx.split(abs_model)
+    abs_vars = {tuple(k): v for k, v in abs_state.flat_state()}
+    abs_leaves = {k: v.get_value() for k, v in abs_vars.items()}
+
+    with SafetensorsCheckpoint(path) as ckpt:
+        layout = _detect_expert_layout(ckpt, model_config, adapter)
+        placements = _placements(model_config, adapter, layout)
+        unmapped = sorted(set(abs_leaves) - set(placements))
+        if unmapped:  # a bug in an adapter, not in the user's files
+            raise RuntimeError(f"adapter {type(adapter).__name__} maps no HF key to parameters {unmapped}")
+        used: set[str] = set()
+        values = {}
+        total_bytes = sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape)) for a in abs_leaves.values())
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"import {path.name}", disable=not progress)
+        for leaf_path, abstract in abs_leaves.items():
+            placement, component = placements[leaf_path]
+            shapes = _leaf_shapes(placement, abs_leaves)
+            expected_hf = tuple(placement.rule.transform.hf_shape(shapes))
+            buf = np.empty(abstract.shape, abstract.dtype)
+            for key, index in placement.slices():
+                tensor = ckpt.read(key)
+                if tuple(tensor.shape) != expected_hf:
+                    raise CheckpointError(f"{ckpt.where(key)}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                          f"expected {expected_hf} from {source}")
+                buf[index] = placement.rule.transform.to_m2d(tensor, shapes)[component]
+                used.add(key)
+            values[leaf_path] = jax.device_put(buf)
+            del buf
+            bar.update(np.dtype(abstract.dtype).itemsize * int(np.prod(abstract.shape)))
+        bar.close()
+        unexpected = sorted(k for k in set(ckpt.keys()) - used if not k.endswith(IGNORED_KEY_SUFFIXES))
+        if unexpected:
+            shown = ", ".join(f"{k!r} ({ckpt.where(k).name})" for k in unexpected[:5])
+            raise CheckpointError(f"{path}: {len(unexpected)} tensor(s) not used by the {model_config.family} "
+                                  f"config in {source}: {shown}{' ...' if len(unexpected) > 5 else ''}")
+    state = nnx.State.from_flat_path({k: abs_vars[k].replace(v) for k, v in values.items()})
+    return nnx.merge(graphdef, state)
+
+
+def hf_tensors(model: CausalLM, expert_layout: str = "per_expert") -> Iterator[tuple[str, np.ndarray]]:
+    """The model as HF tensors (key, array) in the family's hub layout: the export direction of the key map."""
+    config = model.config
+    adapter = adapter_for(config.family, "model.config")
+    leaves = {tuple(k): v.get_value() for k, v in nnx.state(model).flat_state()}
+    seen: set[int] = set()
+    for placement, _ in _placements(config, adapter, expert_layout).values():
+        if id(placement) in seen:
+            continue
+        seen.add(id(placement))
+        arrays = [np.asarray(leaves[placement.prefix + p]) for p in placement.rule.paths]
+        for key, index in placement.slices():
+            yield key, placement.rule.transform.to_hf([a[index] for a in arrays])

@@ -1,0 +1,126 @@
+"""The one model configuration every family maps onto.
+
+A ``ModelConfig`` describes the decoder that ``m2d_jax.models.CausalLM`` builds: sizes, the attention variant,
+the per-layer FFN kind (dense or MoE), the router rule and the runtime choices (dtypes, MoE dispatch). Family
+adapters in ``m2d_jax.hf`` translate an HF ``config.json`` into it; checkpoints store it as JSON. It is frozen and
+hashable because it is static structure under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+FFN_KINDS = ("dense", "moe")
+ROUTERS = ("softmax_topk",)  # full softmax over experts -> top-k -> optional renormalisation (Qwen3-MoE, OLMoE)
+DISPATCHES = ("auto", "capacity", "ragged", "dense")
+QK_NORMS = ("none", "head")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str  # HF model_type of the checkpoint this model corresponds to, e.g. "qwen3_moe", "qwen3"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # width of dense FFN layers
+    layer_types: tuple[str, ...]  # per layer, one of ATTENTION_KINDS
+    ffn_kinds: tuple[str, ...]  # per layer, one of FFN_KINDS
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_params: tuple[tuple[str, Any], ...] = ()  # extra rope parameters (type-specific), sorted (key, value)
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: str = "head"
+    hidden_act: str = "silu"
+    # MoE
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    router: str = "softmax_topk"
+    # runtime
+    dtype: str = "float32"  # parameter dtype
+    compute_dtype: str = "float32"
+    moe_dispatch: str = "auto"
+    capacity_factor: float = 1.25
+    remat: bool = False  # rematerialise each scanned layer in the backward pass
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"invalid ModelConfig: {msg}")
+
+        need(len(self.layer_types) == self.num_layers, f"layer_types has {len(self.layer_types)} entries, "
+             f"expected num_layers={self.num_layers}")
+        need(len(self.ffn_kinds) == self.num_layers, f"ffn_kinds has {len(self.ffn_kinds)} entries, "
+             f"expected num_layers={self.num_layers}")
+        need(set(self.layer_types) <= set(ATTENTION_KINDS), f"layer_types must be in {ATTENTION_KINDS}")
+        need(set(self.ffn_kinds) <= set(FFN_KINDS), f"ffn_kinds must be in {FFN_KINDS}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        need(self.qk_norm in QK_NORMS, f"qk_norm={self.qk_norm!r} not in {QK_NORMS}")
+        need(self.router in ROUTERS, f"router={self.router!r} not in {ROUTERS}")
+        need(self.moe_dispatch in DISPATCHES, f"moe_dispatch={self.moe_dispatch!r} not in {DISPATCHES}")
+        need(self.dtype in DTYPES and self.compute_dtype in DTYPES, f"dtypes must be in {DTYPES}")
+        need(self.capacity_factor > 0, "capacity_factor must be > 0")
+        if "sliding_attention" in self.layer_types:
+            need(self.sliding_window is not None and self.sliding_window > 0,
+                 "sliding_attention layers need sliding_window > 0")
+        if "moe" in self.ffn_kinds:
+            need(self.num_experts > 0 and 0 < self.num_experts_per_tok <= self.num_experts,
+                 f"MoE layers need 0 < num_experts_per_tok={self.num_experts_per_tok} <= "
+                 f"num_experts={self.num_experts}")
+            need(self.moe_intermediate_size > 0, "MoE layers need moe_intermediate_size > 0")
+
+    # ---- derived structure -------------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return "moe" in self.ffn_kinds
+
+    @property
+    def stacks(self) -> tuple[tuple[str, int, int], ...]:
+        """Contiguous runs of layers with the same FFN kind: (kind, first_layer, num_layers).
+
+        Each run is one scanned stack of identically-shaped layers, so compile time does not grow with depth.
+        """
+        runs: list[list] = []
+        for i, kind in enumerate(self.ffn_kinds):
+            if runs and runs[-1][0] == kind:
+                runs[-1][2] += 1
+            else:
+                runs.append([kind, i, 1])
+        return tuple(tuple(r) for r in runs)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rope_params"] = dict(self.rope_params)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}")
+        d = dict(d)
+        for key in ("layer_types", "ffn_kinds"):
+            d[key] = tuple(d[key])
+        d["rope_params"] = tuple(sorted((d.get("rope_params") or {}).items()))
+        return cls(**d)
