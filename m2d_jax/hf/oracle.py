@@ -53,11 +53,11 @@ def reference_logits(model_or_path, input_ids: np.ndarray, attention_mask: np.nd
     """float32 logits [batch, seq, vocab] from transformers."""
     torch = _torch()
     model = load_reference(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
-    kwargs = {"input_ids": torch.as_tensor(np.asarray(input_ids), dtype=torch.long)}
+    kwargs = {"input_ids": torch.tensor(np.array(input_ids), dtype=torch.long)}
     if attention_mask is not None:
-        kwargs["attention_mask"] = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+        kwargs["attention_mask"] = torch.tensor(np.array(attention_mask), dtype=torch.long)
     if position_ids is not None:
-        kwargs["position_ids"] = torch.as_tensor(np.asarray(position_ids), dtype=torch.long)
+        kwargs["position_ids"] = torch.tensor(np.array(position_ids), dtype=torch.long)
     with torch.no_grad():
         return model(**kwargs).logits.float().numpy()
 

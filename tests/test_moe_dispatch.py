@@ -1,0 +1,107 @@
+"""Every MoE dispatch strategy is exact: equal to a per-token NumPy loop, with empty and overflowing experts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2d_jax.models.layers import glu_activation
+from m2d_jax.models.moe import ExpertWeights, capacity, expert_outputs, route_softmax_topk
+
+STRATEGIES = ["dense", "capacity", "ragged"]
+ACT = glu_activation("silu")
+
+
+def _experts(rng, e, d, m):
+    return ExpertWeights(*(jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in
+                           ((e, d, m), (e, d, m), (e, m, d))))
+
+
+def _numpy_reference(x, top_idx, experts):
+    g, u, dn = (np.asarray(w, np.float64) for w in experts)
+    x = np.asarray(x, np.float64)
+    out = np.zeros(top_idx.shape + (x.shape[1],))
+    for t in range(x.shape[0]):
+        for j, e in enumerate(np.asarray(top_idx)[t]):
+            gate, up = x[t] @ g[e], x[t] @ u[e]
+            out[t, j] = (gate / (1 + np.exp(-gate)) * up) @ dn[e]
+    return out
+
+
+def _topk_without_repeats(rng, t, e, k, probs=None):
+    return np.stack([rng.choice(e, size=k, replace=False, p=probs) for _ in range(t)]).astype(np.int32)
+
+
+CASES = {
+    "balanced": lambda rng, t, e, k: _topk_without_repeats(rng, t, e, k),
+    # experts e/2.. never chosen (empty groups), the rest heavily loaded: groups overflow the capacity
+    "empty_and_overflow": lambda rng, t, e, k: _topk_without_repeats(
+        rng, t, e, k, np.r_[np.full(e // 2, 2.0 / e), np.zeros(e - e // 2)]),
+    # every token picks experts 0..k-1: maximal overflow
+    "all_same": lambda rng, t, e, k: np.tile(np.arange(k, dtype=np.int32), (t, 1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dispatch_equals_numpy_reference(strategy, case):
+    rng = np.random.default_rng(0)
+    t, e, k, d, m = 37, 8, 3, 16, 12
+    x = jnp.asarray(rng.normal(size=(t, d)).astype(np.float32))
+    top_idx = jnp.asarray(CASES[case](rng, t, e, k))
+    experts = _experts(rng, e, d, m)
+    counts = np.bincount(np.asarray(top_idx).ravel(), minlength=e)
+    if case != "balanced":
+        assert (counts == 0).any() and counts.max() > capacity(t, k, e, 1.25)  # the case really tests both
+    want = _numpy_reference(x, top_idx, experts)
+    got = jax.jit(lambda x, i: expert_outputs(strategy, x, i, experts, ACT))(x, top_idx)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["capacity", "ragged"])
+def test_dispatch_gradients_equal_dense(strategy):
+    """Training through the MoE (e.g. the demo teacher) gets the same gradients from every strategy."""
+    rng = np.random.default_rng(1)
+    t, e, k, d, m = 24, 6, 2, 8, 10
+    x = jnp.asarray(rng.normal(size=(t, d)).astype(np.float32))
+    logits = jnp.asarray(rng.normal(size=(t, e)).astype(np.float32))
+    experts = _experts(rng, e, d, m)
+
+    def loss(experts, x, strategy):
+        routing = route_softmax_topk(logits, k, True)
+        out = expert_outputs(strategy, x, routing.top_idx, experts, ACT, capacity_factor=0.5)  # forces overflow
+        return jnp.sum(jnp.einsum("tk,tkd->td", routing.top_weight, out) ** 2)
+
+    want = jax.grad(loss, argnums=(0, 1))(experts, x, "dense")
+    got = jax.grad(loss, argnums=(0, 1))(experts, x, strategy)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        # float32, different summation order (ragged_dot's transpose) -> 1e-4 relative
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_router_softmax_topk_matches_definition():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(10, 6)).astype(np.float32)
+    for norm in (True, False):
+        r = route_softmax_topk(jnp.asarray(logits), 3, norm)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        idx = np.argsort(-p, axis=-1, kind="stable")[:, :3]
+        w = np.take_along_axis(p, idx, -1)
+        if norm:
+            w /= w.sum(-1, keepdims=True)
+        np.testing.assert_array_equal(np.asarray(r.top_idx), idx)
+        np.testing.assert_allclose(np.asarray(r.top_weight), w, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(r.probs), p, rtol=1e-6)
+
+
+def test_capacity_is_static_and_bounded():
+    assert capacity(4096, 8, 64, 1.25) == 640
+    assert capacity(10, 4, 4, 1.25) == 10  # never more than the token count
+    assert capacity(1, 1, 128, 1.25) == 1
+
+
+def test_unknown_dispatch_is_an_error():
+    with pytest.raises(ValueError, match="unknown MoE dispatch"):
+        expert_outputs("magic", jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32),
+                       ExpertWeights(jnp.zeros((2, 4, 3)), jnp.zeros((2, 4, 3)), jnp.zeros((2, 3, 4))), ACT)
