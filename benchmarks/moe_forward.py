@@ -137,7 +137,7 @@ def main():
             s = bench_transformers(path, ids, args.reps, impl)
             rows.append((f"transformers (attn eager, experts {impl})", s, None))
         baseline = rows[0][1]
-        for dispatch in ("capacity", "dense", "ragged"):
+        for dispatch in ("blocks", "capacity", "dense", "ragged"):
             s, c = bench_m2d(path, ids, args.reps, dispatch)
             rows.append((f"m2d_jax jit, dispatch={dispatch}", s, c))
 

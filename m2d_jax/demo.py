@@ -46,7 +46,7 @@ def run_demo(config: ConfigDict) -> dict:
         want = reference_logits(hf_dir, ids, mask)
         valid = mask.astype(bool)
         results = {}
-        for dispatch in ("dense", "capacity", "ragged"):
+        for dispatch in ("dense", "capacity", "blocks", "ragged"):
             got = np.asarray(with_config(model, moe_dispatch=dispatch)(ids, mask))
             results[dispatch] = float(np.abs(got - want)[valid].max())
             verdict = "ok" if results[dispatch] <= PARITY_TOLERANCE else "FAIL"

@@ -8,7 +8,7 @@ import pytest
 from m2d_jax.models.layers import glu_activation
 from m2d_jax.models.moe import ExpertWeights, capacity, expert_outputs, route_softmax_topk
 
-STRATEGIES = ["dense", "capacity", "ragged"]
+STRATEGIES = ["dense", "capacity", "blocks", "ragged"]
 ACT = glu_activation("silu")
 
 
@@ -58,7 +58,7 @@ def test_dispatch_equals_numpy_reference(strategy, case):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("strategy", ["capacity", "ragged"])
+@pytest.mark.parametrize("strategy", ["capacity", "blocks", "ragged"])
 def test_dispatch_gradients_equal_dense(strategy):
     """Training through the MoE (e.g. the demo teacher) gets the same gradients from every strategy."""
     rng = np.random.default_rng(1)

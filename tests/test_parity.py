@@ -36,7 +36,7 @@ def test_logits_match_transformers(hf_checkpoint, name):
     assert _max_valid_diff(got, want, mask) <= TOL
 
 
-@pytest.mark.parametrize("dispatch", ["dense", "capacity", "ragged"])
+@pytest.mark.parametrize("dispatch", ["dense", "capacity", "blocks", "ragged"])
 def test_every_dispatch_matches_transformers(hf_checkpoint, dispatch):
     path = hf_checkpoint("moe_gqa_norm_mlponly")
     model = m2d_jax.from_pretrained(path, moe_dispatch=dispatch)
@@ -101,3 +101,34 @@ def test_moe_configs_cover_the_issue_matrix():
     assert any(c["head_dim"] != c["hidden_size"] // c["num_attention_heads"] for c in cfgs)
     assert len({c["num_experts_per_tok"] for c in cfgs}) >= 3
     assert any(c.get("mlp_only_layers") for c in cfgs)
+
+
+def test_observer_sees_routing_and_expert_outputs(hf_checkpoint):
+    """``observe`` runs inside each scanned MoE layer: its routing equals transformers' router logits and the
+    weighted sum of the expert outputs it sees is the MoE block output."""
+    import jax.numpy as jnp
+
+    path = hf_checkpoint("moe_gqa_norm_mlponly")
+    model = m2d_jax.from_pretrained(path)
+    ids, mask = padded_batch(model.config.vocab_size, batch=2, seq=9, seed=6)
+    seen = lambda v: (v.routing.logits, v.routing.top_idx, jnp.einsum("tk,tkd->td", v.routing.top_weight,
+                                                                       v.expert_out))
+    hidden, obs = model.hidden_states(ids, mask, observe=seen)
+    assert [o is None for o in obs] == [False, True, False]  # stacks: moe, dense, moe
+    import torch
+
+    from m2d_jax.hf.oracle import load_reference
+
+    ref = load_reference(path)
+    block_out = {}
+    for layer in (0, 2):  # the oracle's MoE block outputs, captured with torch hooks (test-side only)
+        ref.model.layers[layer].mlp.register_forward_hook(
+            lambda mod, inp, out, layer=layer: block_out.__setitem__(layer, out.reshape(-1, out.shape[-1])))
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_router_logits=True)
+    valid = mask.reshape(-1).astype(bool)
+    for stack, layer in ((0, 0), (2, 2)):
+        logits, top_idx, moe_out = (np.asarray(o[0]) for o in obs[stack])
+        np.testing.assert_allclose(logits[valid], out.router_logits[[0, 2].index(layer)].numpy()[valid], atol=1e-4)
+        np.testing.assert_allclose(moe_out[valid], block_out[layer].numpy()[valid], atol=1e-4)
+        assert top_idx.shape == (18, 2)

@@ -15,7 +15,7 @@ from typing import Any
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
 FFN_KINDS = ("dense", "moe")
 ROUTERS = ("softmax_topk",)  # full softmax over experts -> top-k -> optional renormalisation (Qwen3-MoE, OLMoE)
-DISPATCHES = ("auto", "capacity", "ragged", "dense")
+DISPATCHES = ("auto", "capacity", "blocks", "ragged", "dense")
 QK_NORMS = ("none", "head")
 DTYPES = ("float32", "bfloat16")
 
@@ -52,7 +52,9 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype
     compute_dtype: str = "float32"
     moe_dispatch: str = "auto"
-    capacity_factor: float = 1.25
+    capacity_factor: float = 1.25  # "capacity" dispatch: per-expert buffer = ceil(tokens * k / E * factor)
+    moe_block_size: int = 256  # "blocks" dispatch: rows per block
+    moe_blocks_per_step: int = 32  # "blocks" dispatch: blocks per batched matmul
     remat: bool = False  # rematerialise each scanned layer in the backward pass
 
     def __post_init__(self):
@@ -73,6 +75,7 @@ class ModelConfig:
         need(self.moe_dispatch in DISPATCHES, f"moe_dispatch={self.moe_dispatch!r} not in {DISPATCHES}")
         need(self.dtype in DTYPES and self.compute_dtype in DTYPES, f"dtypes must be in {DTYPES}")
         need(self.capacity_factor > 0, "capacity_factor must be > 0")
+        need(self.moe_block_size > 0 and self.moe_blocks_per_step > 0, "MoE block sizes must be > 0")
         if "sliding_attention" in self.layer_types:
             need(self.sliding_window is not None and self.sliding_window > 0,
                  "sliding_attention layers need sliding_window > 0")

@@ -25,13 +25,13 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(config, config.intermediate_size, rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        """x: [B, T, d] -> (x', routing or None)."""
+    def __call__(self, x, cos, sin, mask, observe=None):
+        """x: [B, T, d] -> (x', the MoE observation or None)."""
         x = x + self.attn(self.input_norm(x), cos, sin, mask)
         h = self.post_attn_norm(x)
         if self.kind == "moe":
-            y, routing = self.moe(h)
-            return x + y, routing
+            y, observation = self.moe(h, observe)
+            return x + y, observation
         return x + self.mlp(h), None
 
 
@@ -59,11 +59,14 @@ class CausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), dt)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, return_routing: bool = False):
-        """Final-norm hidden states [B, T, d]; with ``return_routing`` also the per-stack routing of MoE stacks.
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, observe=None):
+        """Final-norm hidden states [B, T, d].
 
         ``attention_mask`` [B, T] is 1 for real tokens (left or right padding); ``position_ids`` default to
-        0..T-1 as in transformers.
+        0..T-1 as in transformers. ``observe(view: MoEView) -> pytree`` is called inside every MoE layer of the
+        same (jitted, scanned) forward; then ``(hidden, observations)`` is returned, with one entry per stack of
+        ``config.stacks`` (None for dense stacks) whose leaves carry a leading layer axis. This is how calibration
+        statistics and router losses are computed without a second pass or Python hooks.
         """
         c = self.config
         cdt = dtype_of(c.compute_dtype)
@@ -76,21 +79,21 @@ class CausalLM(nnx.Module):
         cos, sin = rope_cos_sin(c, position_ids, cdt)
         windows = jnp.asarray([c.sliding_window if lt == "sliding_attention" else 0 for lt in c.layer_types],
                               jnp.int32)  # [L]
-        routings = []
+        observations = []
         for stack, (kind, start, num) in zip(self.stacks, c.stacks):
             graphdef, state = nnx.split(stack)
 
             def body(h, xs, graphdef=graphdef):
                 layer_state, window = xs  # one layer's params; its sliding window (0 = full attention)
                 mask = make_attention_mask(attention_mask, t, window)
-                return nnx.merge(graphdef, layer_state)(h, cos, sin, mask)
+                return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, observe)
 
             if c.remat:
                 body = jax.checkpoint(body, prevent_cse=False)
-            x, routing = jax.lax.scan(body, x, (state, windows[start:start + num]))
-            routings.append(routing)
+            x, observation = jax.lax.scan(body, x, (state, windows[start:start + num]))
+            observations.append(observation)
         x = self.final_norm(x)
-        return (x, routings) if return_routing else x
+        return x if observe is None else (x, observations)
 
     def logits(self, hidden):
         """LM head on hidden states [..., d] -> logits [..., vocab] (compute dtype)."""

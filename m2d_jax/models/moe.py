@@ -6,8 +6,11 @@ Returning per-assignment outputs keeps the combine step shared and gives calibra
 for free. No strategy ever drops a token:
 
 - ``dense``: every expert on every token, then gather (reference; fastest for tiny E/k).
-- ``capacity``: assignments sorted by expert into per-expert buffers of static capacity C, one batched matmul; if any
-  expert receives more than C tokens, a ``lax.cond`` takes the exact ``dense`` path instead.
+- ``capacity``: assignments sorted by expert into per-expert buffers of static capacity C, one batched matmul per
+  round; experts that receive more than C tokens are finished in further rounds that run only when needed.
+- ``blocks``: each expert's sorted assignments cut into fixed-size row blocks (one expert per block), processed a
+  fixed number of blocks at a time with gathered expert weights: a block-sparse grouped matmul whose cost does not
+  depend on routing skew (the CPU default).
 - ``ragged``: sorted assignments through ``jax.lax.ragged_dot`` (the grouped-matmul path on TPU/GPU).
 """
 
@@ -38,6 +41,15 @@ class Routing(NamedTuple):
     top_weight: jax.Array  # [T, k] routing weights actually applied (compute dtype)
 
 
+class MoEView(NamedTuple):
+    """What an observer sees inside one MoE layer (tokens flattened: T = batch * seq)."""
+    x: jax.Array  # [T, d] MoE input (after the post-attention norm), compute dtype
+    routing: Routing
+    expert_out: jax.Array  # [T, k, d] unweighted outputs of the selected experts
+    experts: ExpertWeights  # this layer's expert weights, compute dtype
+    act: Callable  # the experts' gated activation phi(gate, up)
+
+
 def route_softmax_topk(logits, k: int, norm_topk_prob: bool) -> Routing:
     """Softmax over all experts (float32) -> top-k -> renormalise over the k iff ``norm_topk_prob``."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -48,11 +60,13 @@ def route_softmax_topk(logits, k: int, norm_topk_prob: bool) -> Routing:
 
 
 def default_dispatch() -> str:
-    """``capacity`` on CPU (fastest exact path there), ``ragged`` on TPU/GPU (grouped matmul kernels)."""
-    return "capacity" if jax.default_backend() == "cpu" else "ragged"
+    """``blocks`` on CPU (fastest exact path there, whatever the routing skew), ``ragged`` on TPU/GPU (grouped
+    matmul kernels)."""
+    return "blocks" if jax.default_backend() == "cpu" else "ragged"
 
 
-def expert_outputs(strategy: str, x, top_idx, experts: ExpertWeights, act: Callable, capacity_factor: float = 1.25):
+def expert_outputs(strategy: str, x, top_idx, experts: ExpertWeights, act: Callable, capacity_factor: float = 1.25,
+                   block_size: int = 256, blocks_per_step: int = 32):
     """Unweighted outputs of the selected experts. x: [T, d]; top_idx: [T, k] -> [T, k, d]."""
     if strategy == "auto":
         strategy = default_dispatch()
@@ -62,6 +76,8 @@ def expert_outputs(strategy: str, x, top_idx, experts: ExpertWeights, act: Calla
         return _capacity_outputs(x, top_idx, experts, act, capacity_factor)
     if strategy == "ragged":
         return _ragged_outputs(x, top_idx, experts, act)
+    if strategy == "blocks":
+        return _block_outputs(x, top_idx, experts, act, block_size, blocks_per_step)
     raise ValueError(f"unknown MoE dispatch {strategy!r} (expected auto, capacity, ragged or dense)")
 
 
@@ -90,26 +106,75 @@ def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) 
 
 
 def _capacity_outputs(x, top_idx, experts: ExpertWeights, act, capacity_factor):
+    """Sorted per-expert buffers of static capacity C, processed in rounds: round r takes each expert's
+    assignments at positions [rC, (r+1)C) within its group. Round 0 always runs; later rounds run (``lax.cond``)
+    only while some expert still has assignments left, so balanced routing costs one batched matmul and skewed
+    routing costs E x (largest group) rows, never a dropped token."""
     t, k = top_idx.shape
-    e = experts.gate.shape[0]
+    e, d = experts.gate.shape[0], x.shape[1]
     cap = capacity(t, k, e, capacity_factor)
     order, sorted_expert, group_sizes = _sort_assignments(top_idx, e)
     group_start = jnp.cumsum(group_sizes) - group_sizes  # [E]
-    pos = jnp.arange(t * k) - group_start[sorted_expert]  # position of each sorted assignment in its group
-    slot = jnp.where(pos < cap, sorted_expert * cap + pos, e * cap)  # e*cap: overflow sink (never read back)
+    pos = jnp.arange(t * k) - group_start[sorted_expert]  # [A] position of each sorted assignment in its group
+    sorted_token = (order // k).astype(jnp.int32)  # [A]
+    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])  # row t: what empty buffer slots read
 
-    def buffered(x):
-        x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])  # row t: empty slot
-        slot_token = jnp.full((e * cap + 1,), t, jnp.int32).at[slot].set((order // k).astype(jnp.int32))
-        xb = x_pad[slot_token[:-1]].reshape(e, cap, -1)  # [E, C, d]
+    def run_round(r):
+        in_round = (pos >= r * cap) & (pos < (r + 1) * cap)  # [A]
+        slot = jnp.where(in_round, sorted_expert * cap + pos - r * cap, e * cap)  # e*cap: sink, never read back
+        slot_token = jnp.full((e * cap + 1,), t, jnp.int32).at[slot].set(sorted_token)
+        xb = x_pad[slot_token[:-1]].reshape(e, cap, d)  # [E, C, d]
         h = act(jnp.einsum("ecd,edm->ecm", xb, experts.gate), jnp.einsum("ecd,edm->ecm", xb, experts.up))
-        yb = jnp.einsum("ecm,emd->ecd", h, experts.down).reshape(e * cap, -1)  # [E*C, d]
-        y_sorted = yb[jnp.minimum(slot, e * cap - 1)]  # [A, d]
-        return _unsort(y_sorted, order).reshape(t, k, -1)
+        yb = jnp.einsum("ecm,emd->ecd", h, experts.down).reshape(e * cap, d)  # [E*C, d]
+        return jnp.where(in_round[:, None], yb[jnp.minimum(slot, e * cap - 1)], 0)  # [A, d]
 
-    if cap >= t:  # no expert can overflow: skip the runtime check
-        return buffered(x)
-    return jax.lax.cond(jnp.max(group_sizes) > cap, lambda x: _dense_outputs(x, top_idx, experts, act), buffered, x)
+    y_sorted = run_round(0)
+    if cap < t:  # an expert may receive more than C tokens (at most t): further rounds, only if needed
+        largest = jnp.max(group_sizes)
+        y_sorted = jax.lax.fori_loop(
+            1, -(-t // cap),
+            lambda r, y: jax.lax.cond(r * cap < largest, lambda y: y + run_round(r), lambda y: y, y), y_sorted)
+    return _unsort(y_sorted, order).reshape(t, k, -1)
+
+
+def _block_outputs(x, top_idx, experts: ExpertWeights, act, block_size: int, blocks_per_step: int):
+    """Block-sparse grouped matmul: each expert's sorted assignments are cut into blocks of ``block_size`` rows
+    (the last one padded), so every block belongs to one expert; blocks are processed ``blocks_per_step`` at a
+    time with their experts' weights gathered. Rows computed ~ T*k + E*block_size/2, whatever the imbalance.
+    Steps past the last real block are skipped at run time (``lax.cond``)."""
+    t, k = top_idx.shape
+    e, d = experts.gate.shape[0], x.shape[1]
+    a = t * k
+    b = max(1, min(block_size, a))
+    order, _, group_sizes = _sort_assignments(top_idx, e)
+    sorted_token = (order // k).astype(jnp.int32)  # [A]
+    group_start = jnp.cumsum(group_sizes) - group_sizes  # [E]
+    expert_blocks = -(-group_sizes // b)  # [E] blocks per expert
+    block_end = jnp.cumsum(expert_blocks)  # [E]
+    num_blocks = block_end[-1]
+    max_blocks = -(-a // b) + e  # static bound: sum_e ceil(n_e / b) <= A/b + E
+    g = max(1, min(blocks_per_step, max_blocks))
+    steps = -(-max_blocks // g)
+    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])  # row t: padding rows read zeros
+
+    def run_step(i, y):
+        block = i * g + jnp.arange(g)  # [G]
+        expert = jnp.minimum(jnp.searchsorted(block_end, block, side="right"), e - 1)  # [G]
+        local = block - (block_end[expert] - expert_blocks[expert])
+        start = group_start[expert] + local * b
+        length = jnp.where(block < num_blocks, jnp.minimum(b, group_sizes[expert] - local * b), 0)  # [G]
+        row = jnp.minimum(start[:, None] + jnp.arange(b)[None, :], a - 1)  # [G, b] positions in sorted order
+        valid = jnp.arange(b)[None, :] < length[:, None]
+        xb = x_pad[jnp.where(valid, sorted_token[row], t)]  # [G, b, d]
+        h = act(jnp.einsum("gbd,gdm->gbm", xb, experts.gate[expert]),
+                jnp.einsum("gbd,gdm->gbm", xb, experts.up[expert]))
+        yb = jnp.einsum("gbm,gmd->gbd", h, experts.down[expert])  # [G, b, d]
+        return y.at[jnp.where(valid, order[row], a)].set(yb, mode="drop")  # straight to (token, slot) order
+
+    y = jnp.zeros((a, d), x.dtype)  # [A, d] in flat (token, slot) order
+    y = jax.lax.fori_loop(
+        0, steps, lambda i, y: jax.lax.cond(i * g < num_blocks, lambda y: run_step(i, y), lambda y: y, y), y)
+    return y.reshape(t, k, d)
 
 
 def _ragged_outputs(x, top_idx, experts: ExpertWeights, act):
@@ -143,14 +208,16 @@ class MoE(nnx.Module):
         logits = x @ self.router[...].astype(x.dtype)  # [T, E]
         return route_softmax_topk(logits, c.num_experts_per_tok, c.norm_topk_prob)
 
-    def __call__(self, x):
-        """x: [B, T, d] -> (y [B, T, d], Routing over the flattened B*T tokens)."""
+    def __call__(self, x, observe: Callable[[MoEView], object] | None = None):
+        """x: [B, T, d] -> (y [B, T, d], ``observe(view)`` or None)."""
         c = self.config
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         routing = self.route(flat)
         experts = ExpertWeights(*(w[...].astype(x.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)))
-        outs = expert_outputs(c.moe_dispatch, flat, routing.top_idx, experts, glu_activation(c.hidden_act),
-                              c.capacity_factor)  # [B*T, k, d]
+        act = glu_activation(c.hidden_act)
+        outs = expert_outputs(c.moe_dispatch, flat, routing.top_idx, experts, act, c.capacity_factor,
+                              c.moe_block_size, c.moe_blocks_per_step)  # [B*T, k, d]
         y = jnp.einsum("tk,tkd->td", routing.top_weight, outs)
-        return y.reshape(b, t, d), routing
+        observation = observe(MoEView(flat, routing, outs, experts, act)) if observe is not None else None
+        return y.reshape(b, t, d), observation

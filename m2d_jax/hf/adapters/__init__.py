@@ -1,0 +1,24 @@
+"""Family adapters: the small declarative difference between HF families.
+
+An adapter turns a raw ``config.json`` dict into a ``ModelConfig`` and lists the key-map rules of its on-disk
+layout(s) (``global_rules``, ``layer_rules(config, kind, expert_layout)``; ``expert_layouts[0]`` is the hub layout
+that export writes). Raw JSON is parsed (not through transformers' config classes) so that import never loads
+torch; missing keys take the defaults of the transformers config class, and both hub-style (``rope_theta`` /
+``rope_scaling``, ``num_experts``) and transformers-v5 (``rope_parameters``, ``num_local_experts``) names are read.
+"""
+
+from m2d_jax.hf.adapters.common import IGNORED_KEY_SUFFIXES
+from m2d_jax.hf.adapters.qwen3 import Qwen3Adapter
+from m2d_jax.hf.safetensors_io import CheckpointError
+
+ADAPTERS = {t: a for a in (Qwen3Adapter(),) for t in a.model_types}
+
+
+def adapter_for(model_type: str | None, source: str):
+    if model_type not in ADAPTERS:
+        raise CheckpointError(f"{source}: unsupported model_type {model_type!r} "
+                              f"(supported: {', '.join(sorted(ADAPTERS))})")
+    return ADAPTERS[model_type]
+
+
+__all__ = ["ADAPTERS", "IGNORED_KEY_SUFFIXES", "adapter_for"]
