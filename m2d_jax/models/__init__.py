@@ -2,9 +2,9 @@
 
 from m2d_jax.models.config import ModelConfig
 from m2d_jax.models.decoder import CausalLM, DecoderLayer
-from m2d_jax.models.moe import MoEView, Routing, expert_outputs
+from m2d_jax.models.moe import ExpertWeights, MoEView, Routing, expert_ffn, expert_outputs
 
-__all__ = ["CausalLM", "DecoderLayer", "ModelConfig", "MoEView", "Routing", "expert_outputs", "abstract_model",
+__all__ = ["CausalLM", "DecoderLayer", "ExpertWeights", "ModelConfig", "MoEView", "Routing", "expert_ffn", "expert_outputs", "abstract_model",
            "with_config"]
 
 

@@ -33,6 +33,12 @@ class ExpertWeights(NamedTuple):
     down: jax.Array  # [E, mlp, embed]
 
 
+def expert_ffn(experts: ExpertWeights, act: Callable, xb):
+    """Each expert on its own rows: xb [E, C, d] -> [E, C, d] (E may be a gathered subset of experts)."""
+    h = act(jnp.einsum("ecd,edm->ecm", xb, experts.gate), jnp.einsum("ecd,edm->ecm", xb, experts.up))
+    return jnp.einsum("ecm,emd->ecd", h, experts.down)
+
+
 class Routing(NamedTuple):
     """What the router decided for each token (all [tokens, ...])."""
     logits: jax.Array  # [T, E] router logits (compute dtype)
@@ -82,9 +88,8 @@ def expert_outputs(strategy: str, x, top_idx, experts: ExpertWeights, act: Calla
 
 
 def _dense_outputs(x, top_idx, experts: ExpertWeights, act):
-    gate = jnp.einsum("td,edm->etm", x, experts.gate)
-    up = jnp.einsum("td,edm->etm", x, experts.up)
-    out = jnp.einsum("etm,emd->etd", act(gate, up), experts.down)  # [E, T, d]
+    e = experts.gate.shape[0]
+    out = expert_ffn(experts, act, jnp.broadcast_to(x, (e,) + x.shape))  # [E, T, d]
     tokens = jnp.arange(x.shape[0])[:, None]
     return out[top_idx, tokens]  # [T, k, d]
 
@@ -124,8 +129,7 @@ def _capacity_outputs(x, top_idx, experts: ExpertWeights, act, capacity_factor):
         slot = jnp.where(in_round, sorted_expert * cap + pos - r * cap, e * cap)  # e*cap: sink, never read back
         slot_token = jnp.full((e * cap + 1,), t, jnp.int32).at[slot].set(sorted_token)
         xb = x_pad[slot_token[:-1]].reshape(e, cap, d)  # [E, C, d]
-        h = act(jnp.einsum("ecd,edm->ecm", xb, experts.gate), jnp.einsum("ecd,edm->ecm", xb, experts.up))
-        yb = jnp.einsum("ecm,emd->ecd", h, experts.down).reshape(e * cap, d)  # [E*C, d]
+        yb = expert_ffn(experts, act, xb).reshape(e * cap, d)  # [E*C, d]
         return jnp.where(in_round[:, None], yb[jnp.minimum(slot, e * cap - 1)], 0)  # [A, d]
 
     y_sorted = run_round(0)
@@ -166,9 +170,7 @@ def _block_outputs(x, top_idx, experts: ExpertWeights, act, block_size: int, blo
         row = jnp.minimum(start[:, None] + jnp.arange(b)[None, :], a - 1)  # [G, b] positions in sorted order
         valid = jnp.arange(b)[None, :] < length[:, None]
         xb = x_pad[jnp.where(valid, sorted_token[row], t)]  # [G, b, d]
-        h = act(jnp.einsum("gbd,gdm->gbm", xb, experts.gate[expert]),
-                jnp.einsum("gbd,gdm->gbm", xb, experts.up[expert]))
-        yb = jnp.einsum("gbm,gmd->gbd", h, experts.down[expert])  # [G, b, d]
+        yb = expert_ffn(jax.tree.map(lambda w: w[expert], experts), act, xb)  # [G, b, d], weights of G experts
         return y.at[jnp.where(valid, order[row], a)].set(yb, mode="drop")  # straight to (token, slot) order
 
     y = jnp.zeros((a, d), x.dtype)  # [A, d] in flat (token, slot) order
