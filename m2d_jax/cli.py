@@ -20,8 +20,8 @@ def _cmd_info(args) -> int:
     from m2d_jax.info import format_summary, load_config, summarize
 
     config, kind = load_config(args.path)
-    summary = summarize(config)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary, kind))
+    summary = {"source": kind, **summarize(config)}
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
 
@@ -33,6 +33,126 @@ def _cmd_demo(args) -> int:
     result = run_demo(config)
     print("demo:", "PASSED" if result["passed"] else "FAILED")
     return 0 if result["passed"] else 1
+
+
+def _cmd_distill(args) -> int:
+    from m2d_jax.config_utils import apply_overrides, load_config
+    from m2d_jax.distill import check_config, run
+
+    config = apply_overrides(load_config(args.config), args.overrides)
+    for field, path in (("teacher", args.teacher), ("student", args.student)):
+        if path:
+            config[field].path = path
+    check_config(config)  # unknown keys and bad values fail here, before any data, model or compute
+    result = run(config)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from m2d_jax.calibration import calibrate, save_stats
+
+    if args.out and not args.overwrite and __import__("os").path.exists(args.out):  # fail before any work
+        raise FileExistsError(f"{args.out} already exists; choose a new output path")
+    stats = calibrate(args.model, args.data, seq_len=args.seq_len, num_seqs=args.num_seqs,
+                      gram_tokens=args.gram_tokens, batch_size=args.batch_size, seed=args.seed,
+                      gram_chunk=args.gram_chunk, tokenizer_dir=args.tokenizer, text_field=args.text_field,
+                      shard_index=args.shard_index, shard_count=args.shard_count, dtype=args.dtype)
+    out = save_stats(stats, args.out, overwrite=args.overwrite)
+    m = stats.metadata
+    print(f"wrote {out}: {m['tokens_seen']} tokens, {m['gram_tokens_seen']} Gram tokens, "
+          f"{len(m['moe_layers'])} MoE layers, {m['tokens_seen'] / max(m['seconds'], 1e-9):.0f} tokens/s incl. compile")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from m2d_jax.calibration import combine_stats, load_stats
+    from m2d_jax.scoring import run_selection
+
+    stats = combine_stats(*(load_stats(path) for path in args.stats))
+    options = {k: v for k, v in (("acp_form", args.acp_form), ("beta", args.beta), ("ridge", args.ridge),
+                                 ("kernel", args.kernel)) if v is not None}
+    config = None
+    if args.model:
+        import m2d_jax
+
+        config = m2d_jax.from_pretrained(args.model).config
+    result = run_selection(stats, args.scoring, args.experts, config, **options)
+    layers = stats.moe_layers
+    if args.json:
+        print(json.dumps({"scoring": args.scoring, "experts": args.experts, "options": options,
+                          "selected": {str(l): row for l, row in zip(layers, result.selected.tolist())},
+                          "weight_scores": {str(l): row for l, row in zip(layers, result.weight_scores.tolist())}}))
+    else:
+        print(f"{args.scoring}, K={args.experts} of E={stats.num_experts} (layer: experts in selection order)")
+        for layer, row in zip(layers, result.selected.tolist()):
+            print(f"layer {layer:3d}: {' '.join(map(str, row))}")
+    return 0
+
+
+def _cmd_eval_ppl(args) -> int:
+    from m2d_jax.eval.ppl import evaluate_perplexity
+    from m2d_jax.eval.tasks import write_json
+
+    result = evaluate_perplexity(args.model, args.data, seq_len=args.seq_len, stride=args.stride,
+                                 batch_size=args.batch_size, dtype=args.dtype, text_field=args.text_field,
+                                 tokenizer_path=args.tokenizer).to_dict()
+    if args.output:
+        write_json(result, args.output)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_eval_tasks(args) -> int:
+    from m2d_jax.eval.tasks import evaluate_tasks, format_table
+
+    model_args = {"tokenizer": args.tokenizer} if args.tokenizer else {}
+    result = evaluate_tasks(args.model, [t for t in args.tasks.split(",") if t], num_fewshot=args.num_fewshot,
+                            include_path=args.include_path, include_defaults=not args.local_tasks_only,
+                            batch_size=args.batch_size, dtype=args.dtype, limit=args.limit, output=args.output,
+                            **model_args)
+    if result:  # empty on processes other than 0 of a multi-host run
+        print(format_table(result))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import m2d_jax
+    from m2d_jax.data import load_tokenizer
+    from m2d_jax.eval.generate import generate
+
+    model = m2d_jax.from_pretrained(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    texts = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, until=args.until or (),
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    for prompt, text in zip(args.prompt, texts):
+        print(json.dumps({"prompt": prompt, "completion": text}))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from m2d_jax.convert.pipeline import convert, convert_random_ffn
+
+    if args.random_ffn:
+        out = convert_random_ffn(args.model, args.groups, args.out, args.hf_out, dtype=args.dtype, seed=args.seed,
+                                 overwrite=args.overwrite)
+    else:
+        missing = [f"--{n.replace('_', '-')}" for n in ("stats", "experts") if getattr(args, n) is None]
+        if missing:
+            raise ValueError(f"{' and '.join(missing)} required (or --random-ffn for the random-FFN baseline)")
+        out = convert(args.model, args.stats, args.scoring, args.grouping, args.dp_scaling, args.experts,
+                      args.groups, args.out, args.hf_out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}" + (f" and {args.hf_out}" if args.hf_out else ""))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from m2d_jax.hf.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir, tokenizer_from=args.tokenizer_from, dtype=args.dtype,
+                            max_shard_bytes=int(args.max_shard_mb * 2 ** 20), overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +175,109 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on an embedded tiny teacher (override with --config.KEY=VALUE)")
     p.add_argument("--config", default="demo", help="config file or name under configs/")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("convert", help="MoE teacher + calibration statistics -> dense student (SPEC §5-§6)")
+    p.add_argument("--model", required=True, help="HF or m2d_jax checkpoint directory of the MoE teacher")
+    p.add_argument("--stats", help="calibration statistics file (m2d calibrate)")
+    p.add_argument("--scoring", default="gld_reap", help="expert scoring (SPEC §3), e.g. gld_reap, conditional_prob")
+    p.add_argument("--grouping", default="round_robin",
+                   help="round_robin | weight_cluster | router_cluster | dominant_expert | output_cluster")
+    p.add_argument("--dp-scaling", default="uniform", help="down-projection scaling: uniform | proportional")
+    p.add_argument("--experts", type=int, help="K: experts selected per MoE layer")
+    p.add_argument("--groups", type=int, required=True, help="k: groups (dense FFN blocks) per layer")
+    p.add_argument("--out", required=True, help="output m2d_jax checkpoint directory (must not exist)")
+    p.add_argument("--hf-out", help="also export the student as an HF checkpoint directory here")
+    p.add_argument("--random-ffn", action="store_true", help="random-FFN baseline (teacher attention, new FFN)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-FFN baseline")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("export", help="m2d_jax checkpoint -> HF checkpoint directory (standard transformers class)")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--tokenizer-from", help="HF directory to copy tokenizer files and generation_config.json from "
+                                            "(default: the teacher recorded in the checkpoint)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast the weights (default: as saved)")
+    p.add_argument("--max-shard-mb", type=float, default=2048.0, help="split safetensors beyond this size")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("distill", help="sharded forward-KL distillation of a student from a teacher "
+                                       "(override with --config.KEY=VALUE)")
+    p.add_argument("--config", default="distill/base", help="config file or name under configs/")
+    p.add_argument("--teacher", default="", help="teacher checkpoint (HF or m2d_jax); sets config.teacher.path")
+    p.add_argument("--student", default="", help="student checkpoint (HF or m2d_jax); sets config.student.path")
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("calibrate", help="teacher routing / expert-output statistics in one pass (SPEC §2)")
+    p.add_argument("--model", required=True, help="HF or m2d_jax checkpoint directory of the MoE teacher")
+    p.add_argument("--data", required=True, nargs="+", help="local text / jsonl / parquet files")
+    p.add_argument("--out", required=True, help="statistics file to write (.npz)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--num-seqs", type=int, default=512)
+    p.add_argument("--gram-tokens", type=int, default=32768, help="Gram subsample size n_G (all experts run)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--gram-chunk", type=int, default=256, help="tokens per [E, chunk, d] all-experts block")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--shard-index", type=int, default=0, help="this host's shard (combine shards by addition)")
+    p.add_argument("--shard-count", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("score", help="score experts from calibration statistics and print the per-layer selection")
+    p.add_argument("--stats", required=True, nargs="+", help="statistics file(s); several shards are summed")
+    p.add_argument("--scoring", required=True, choices=("selection_freq", "preselect_prob", "postselect_prob",
+                                                        "conditional_prob", "reap", "gram_logdet", "gld_reap"))
+    p.add_argument("--experts", type=int, required=True, help="K, experts kept per layer")
+    p.add_argument("--acp-form", default=None, help="reap | reap_weight | factored_all | factored_routed")
+    p.add_argument("--beta", type=float, default=None)
+    p.add_argument("--ridge", type=float, default=None)
+    p.add_argument("--kernel", default=None, help="cosine | raw")
+    p.add_argument("--model", default=None, help="check that the statistics belong to this checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("eval", help="evaluation: perplexity (ppl) and lm-eval downstream tasks (tasks)")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    p = eval_sub.add_parser("ppl", help="WikiText-2-protocol perplexity on local text/jsonl/parquet files")
+    p.add_argument("--model", required=True, help="HF or m2d_jax checkpoint directory")
+    p.add_argument("--data", required=True, nargs="+", help="local .txt/.jsonl/.json/.parquet files")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--stride", type=int, default=None, help="window stride (default: --seq-len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--output", default=None, help="also write the result as JSON here")
+    p.set_defaults(func=_cmd_eval_ppl)
+    p = eval_sub.add_parser("tasks", help="lm-eval tasks on the in-process m2d backend (SPEC §10 defaults)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--tasks", default="winogrande,hellaswag,arc_easy,arc_challenge,mmlu")
+    p.add_argument("--num-fewshot", type=int, default=None, help="for every task (default: per-task, SPEC §10)")
+    p.add_argument("--include-path", default=None, help="directory of local task YAMLs")
+    p.add_argument("--local-tasks-only", action="store_true", help="skip indexing lm-eval's built-in tasks")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--limit", type=float, default=None, help="examples per task (fraction if < 1)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--output", default=None, help="results JSON path")
+    p.set_defaults(func=_cmd_eval_tasks)
+
+    p = sub.add_parser("generate", help="KV-cache decoding (greedy by default) from text prompts")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--until", action="append", help="stop string (repeatable)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 
@@ -64,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown or (overrides and args.command != "demo"):
+    if unknown or (overrides and args.command not in ("demo", "distill")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

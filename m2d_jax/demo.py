@@ -53,5 +53,5 @@ def run_demo(config: ConfigDict) -> dict:
             print(f"      dispatch={dispatch:<9} max|dlogit| = {results[dispatch]:.2e}  [{verdict}]")
 
         print("[4/4] m2d info")
-        print(format_summary(summarize(model.config), "m2d_jax checkpoint"))
+        print(format_summary({"source": "m2d_jax checkpoint", **summarize(model.config)}))
     return {"max_abs_logit_diff": results, "passed": all(v <= PARITY_TOLERANCE for v in results.values())}

@@ -5,26 +5,39 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from types import SimpleNamespace
+
 from m2d_jax.models.layers import glu_activation
 from m2d_jax.models.moe import ExpertWeights, capacity, expert_outputs, route_softmax_topk
 
 STRATEGIES = ["dense", "capacity", "blocks", "ragged"]
-ACT = glu_activation("silu")
+ACT = glu_activation(SimpleNamespace(hidden_act="silu"))
 
 
-def _experts(rng, e, d, m):
-    return ExpertWeights(*(jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in
-                           ((e, d, m), (e, d, m), (e, m, d))))
+CLAMPED = glu_activation(SimpleNamespace(hidden_act="clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=7.0))
 
 
-def _numpy_reference(x, top_idx, experts):
-    g, u, dn = (np.asarray(w, np.float64) for w in experts)
+def _experts(rng, e, d, m, bias=False):
+    shapes = ((e, d, m), (e, d, m), (e, m, d)) + (((e, m), (e, m), (e, d)) if bias else ())
+    return ExpertWeights(*(jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in shapes))
+
+
+def _numpy_reference(x, top_idx, experts, clamped=False):
+    """Per-token loop in float64 from the definitions (SPEC §1), incl. GPT-OSS biases and clamped SwiGLU."""
+    w = {k: (None if v is None else np.asarray(v, np.float64)) for k, v in experts._asdict().items()}
     x = np.asarray(x, np.float64)
     out = np.zeros(top_idx.shape + (x.shape[1],))
     for t in range(x.shape[0]):
         for j, e in enumerate(np.asarray(top_idx)[t]):
-            gate, up = x[t] @ g[e], x[t] @ u[e]
-            out[t, j] = (gate / (1 + np.exp(-gate)) * up) @ dn[e]
+            gate, up = x[t] @ w["gate"][e], x[t] @ w["up"][e]
+            if w["gate_bias"] is not None:
+                gate, up = gate + w["gate_bias"][e], up + w["up_bias"][e]
+            if clamped:
+                gate, up = np.minimum(gate, 7.0), np.clip(up, -7.0, 7.0)
+                h = (up + 1) * gate / (1 + np.exp(-1.702 * gate))
+            else:
+                h = gate / (1 + np.exp(-gate)) * up
+            out[t, j] = h @ w["down"][e] + (0 if w["down_bias"] is None else w["down_bias"][e])
     return out
 
 
@@ -55,6 +68,19 @@ def test_dispatch_equals_numpy_reference(strategy, case):
         assert (counts == 0).any() and counts.max() > capacity(t, k, e, 1.25)  # the case really tests both
     want = _numpy_reference(x, top_idx, experts)
     got = jax.jit(lambda x, i: expert_outputs(strategy, x, i, experts, ACT))(x, top_idx)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dispatch_with_biases_and_clamped_swiglu(strategy):
+    """GPT-OSS experts: biases on gate/up/down and the clamped (up + 1) * gate * sigmoid(1.702 gate) unit."""
+    rng = np.random.default_rng(3)
+    t, e, k, d, m = 29, 6, 2, 8, 10
+    x = jnp.asarray(3 * rng.normal(size=(t, d)).astype(np.float32))  # large enough that the clamp bites
+    top_idx = jnp.asarray(CASES["empty_and_overflow"](rng, t, e, k))
+    experts = _experts(rng, e, d, m, bias=True)
+    want = _numpy_reference(x, top_idx, experts, clamped=True)
+    got = jax.jit(lambda x, i: expert_outputs(strategy, x, i, experts, CLAMPED))(x, top_idx)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
 

@@ -111,6 +111,22 @@ class StackedLinear(Transform):
 
 
 @dataclasses.dataclass(frozen=True)
+class InterleavedGateUp(Transform):
+    """GPT-OSS ``gate_up_proj`` [..., 2I] with gate = even, up = odd columns <-> gate, up [..., I] each (kernels
+    [E, H, I] from [E, H, 2I]; biases [E, I] from [E, 2I])."""
+
+    def hf_shape(self, shapes):
+        return tuple(shapes[0][:-1]) + (2 * shapes[0][-1],)
+
+    def to_m2d(self, tensor, shapes):
+        return tensor[..., 0::2], tensor[..., 1::2]
+
+    def to_hf(self, arrays):
+        gate, up = arrays
+        return np.stack([gate, up], axis=-1).reshape(gate.shape[:-1] + (-1,))
+
+
+@dataclasses.dataclass(frozen=True)
 class Rule:
     hf: str  # key template; {layer} = global layer index, {expert} = expert index
     paths: tuple[Path, ...]  # parameter paths, relative to the model (global rules) or to a layer (layer rules)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from m2d_jax.hf.adapters import IGNORED_KEY_SUFFIXES, adapter_for
 from m2d_jax.hf.keymap import Rule
+from m2d_jax.hf.mxfp4 import MXFP4Checkpoint
 from m2d_jax.hf.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from m2d_jax.models import CausalLM, ModelConfig, abstract_model
 
@@ -92,7 +93,7 @@ def _detect_expert_layout(ckpt: SafetensorsCheckpoint, model_config: ModelConfig
     if not moe_stacks:
         return layouts[0]
     for layout in layouts:
-        probe = adapter.layer_rules(model_config, "moe", layout)[-1]
+        probe = next(r for r in adapter.layer_rules(model_config, "moe", layout) if ".experts." in r.hf)
         if probe.hf.format(layer=moe_stacks[0][0], expert=0) in ckpt:
             return layout
     return layouts[0]  # let the missing-key error name the expected key
@@ -109,7 +110,9 @@ def load_hf(path: str | Path, dtype: str = "float32", progress: bool = True, **c
     abs_vars = {tuple(k): v for k, v in abs_state.flat_state()}
     abs_leaves = {k: v.get_value() for k, v in abs_vars.items()}
 
-    with SafetensorsCheckpoint(path) as ckpt:
+    with SafetensorsCheckpoint(path) as files:
+        quantized = (hf.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+        ckpt = MXFP4Checkpoint(files) if quantized else files
         layout = _detect_expert_layout(ckpt, model_config, adapter)
         placements = _placements(model_config, adapter, layout)
         unmapped = sorted(set(abs_leaves) - set(placements))

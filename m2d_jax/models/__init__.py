@@ -1,10 +1,10 @@
 """Flax NNX models: one decoder (``CausalLM``) configured by ``ModelConfig`` for every family."""
 
 from m2d_jax.models.config import ModelConfig
-from m2d_jax.models.decoder import CausalLM, DecoderLayer
+from m2d_jax.models.decoder import CausalLM, DecodeCache, DecoderLayer
 from m2d_jax.models.moe import ExpertWeights, MoEView, Routing, expert_ffn, expert_outputs
 
-__all__ = ["CausalLM", "DecoderLayer", "ExpertWeights", "ModelConfig", "MoEView", "Routing", "expert_ffn", "expert_outputs", "abstract_model",
+__all__ = ["CausalLM", "DecodeCache", "DecoderLayer", "ExpertWeights", "ModelConfig", "MoEView", "Routing", "expert_ffn", "expert_outputs", "abstract_model",
            "with_config"]
 
 

@@ -14,9 +14,16 @@ from typing import Any
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
 FFN_KINDS = ("dense", "moe")
-ROUTERS = ("softmax_topk",)  # full softmax over experts -> top-k -> optional renormalisation (Qwen3-MoE, OLMoE)
+ROUTERS = (
+    "softmax_topk",  # full softmax over experts -> top-k -> optional renormalisation (Qwen3-MoE, OLMoE, Mixtral)
+    "softmax_topk_scaled",  # DeepSeek-V2: float32 softmax -> (group-limited) top-k -> x routed_scaling_factor
+    "topk_softmax",  # GPT-OSS: top-k over the (biased) logits -> softmax over the k selected
+)
+ATTENTIONS = ("gqa", "mla")  # grouped-query attention; DeepSeek multi-head latent attention
+TOPK_METHODS = ("greedy", "group_limited_greedy")
+ACTIVATIONS = ("silu", "clamped_swiglu")
 DISPATCHES = ("auto", "capacity", "blocks", "ragged", "dense")
-QK_NORMS = ("none", "head")
+QK_NORMS = ("none", "head", "full")  # full: RMSNorm over the whole q / k projection (OLMoE)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -41,13 +48,33 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     qk_norm: str = "head"
-    hidden_act: str = "silu"
+    clip_qkv: float | None = None  # clamp q, k, v to [-clip, clip] after the projections (OLMoE)
+    attention: str = "gqa"
+    attention_sinks: bool = False  # one learned sink logit per head in the softmax (GPT-OSS)
+    # multi-head latent attention (attention="mla"); head_dim is then qk_nope_head_dim + qk_rope_head_dim
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    norm_weight_in_float32: bool = False  # RMSNorm multiplies its weight before the cast back (GPT-OSS)
+    hidden_act: str = "silu"  # the gated unit of every FFN: silu(g)*u, or GPT-OSS's clamped (u+1)*g*sigmoid(a*g)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    mlp_bias: bool = False  # biases on dense FFN / shared-expert projections (DeepSeek mlp_bias)
     # MoE
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     router: str = "softmax_topk"
+    router_bias: bool = False
+    expert_bias: bool = False  # biases on routed experts' projections (GPT-OSS)
+    routed_scaling_factor: float = 1.0
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    shared_expert_size: int = 0  # total width of the always-on shared experts (DeepSeek), 0 = none
     # runtime
     dtype: str = "float32"  # parameter dtype
     compute_dtype: str = "float32"
@@ -71,6 +98,18 @@ class ModelConfig:
         need(self.num_heads % self.num_kv_heads == 0,
              f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         need(self.qk_norm in QK_NORMS, f"qk_norm={self.qk_norm!r} not in {QK_NORMS}")
+        need(self.attention in ATTENTIONS, f"attention={self.attention!r} not in {ATTENTIONS}")
+        need(self.topk_method in TOPK_METHODS, f"topk_method={self.topk_method!r} not in {TOPK_METHODS}")
+        need(self.hidden_act in ACTIVATIONS, f"hidden_act={self.hidden_act!r} not in {ACTIVATIONS}")
+        if self.attention == "mla":
+            need(self.kv_lora_rank > 0 and self.qk_rope_head_dim > 0 and self.v_head_dim > 0,
+                 "MLA needs kv_lora_rank, qk_rope_head_dim and v_head_dim > 0")
+            need(self.head_dim == self.qk_nope_head_dim + self.qk_rope_head_dim,
+                 "MLA head_dim must equal qk_nope_head_dim + qk_rope_head_dim")
+        if self.topk_method == "group_limited_greedy":
+            need(self.num_experts % self.n_group == 0 and 0 < self.topk_group <= self.n_group,
+                 f"group-limited top-k needs num_experts % n_group == 0 and 0 < topk_group <= n_group "
+                 f"(got num_experts={self.num_experts}, n_group={self.n_group}, topk_group={self.topk_group})")
         need(self.router in ROUTERS, f"router={self.router!r} not in {ROUTERS}")
         need(self.moe_dispatch in DISPATCHES, f"moe_dispatch={self.moe_dispatch!r} not in {DISPATCHES}")
         need(self.dtype in DTYPES and self.compute_dtype in DTYPES, f"dtypes must be in {DTYPES}")
@@ -89,6 +128,15 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return "moe" in self.ffn_kinds
+
+    @property
+    def rope_dim(self) -> int:
+        """Number of rotated dimensions per head (MLA rotates only its qk_rope part)."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def rope_param(self) -> dict:
+        return dict(self.rope_params)
 
     @property
     def stacks(self) -> tuple[tuple[str, int, int], ...]:

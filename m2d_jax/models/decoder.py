@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from m2d_jax.models.config import ModelConfig
-from m2d_jax.models.layers import MLP, Attention, RMSNorm, dtype_of, make_attention_mask, param, rope_cos_sin
+from m2d_jax.models.layers import MLP, Attention, dtype_of, make_attention_mask, param, rms_norm
+from m2d_jax.models.mla import MLAttention
+from m2d_jax.models.rope import rope_cos_sin
 from m2d_jax.models.moe import MoE
 
 
@@ -15,24 +19,29 @@ class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense or MoE (``kind``)."""
 
     def __init__(self, config: ModelConfig, kind: str, rngs: nnx.Rngs):
-        dt = dtype_of(config.dtype)
         self.kind = kind
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt, rngs)
-        self.attn = Attention(config, rngs)
-        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt, rngs)
+        self.input_norm = rms_norm(config, config.hidden_size, rngs)
+        self.attn = MLAttention(config, rngs) if config.attention == "mla" else Attention(config, rngs)
+        self.post_attn_norm = rms_norm(config, config.hidden_size, rngs)
         if kind == "moe":
             self.moe = MoE(config, rngs)
         else:
             self.mlp = MLP(config, config.intermediate_size, rngs)
 
-    def __call__(self, x, cos, sin, mask, observe=None):
-        """x: [B, T, d] -> (x', the MoE observation or None)."""
-        x = x + self.attn(self.input_norm(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, mask, observe=None, cache=None, cache_index=None):
+        """x: [B, T, d] -> (x', the MoE observation or None), plus the updated attention cache when given one."""
+        if cache is None:
+            x = x + self.attn(self.input_norm(x), cos, sin, mask)
+        else:
+            attn, cache = self.attn(self.input_norm(x), cos, sin, mask, cache=cache, cache_index=cache_index)
+            x = x + attn
         h = self.post_attn_norm(x)
         if self.kind == "moe":
             y, observation = self.moe(h, observe)
-            return x + y, observation
-        return x + self.mlp(h), None
+            x = x + y
+        else:
+            x, observation = x + self.mlp(h), None
+        return (x, observation) if cache is None else (x, observation, cache)
 
 
 def _stacked_layers(config: ModelConfig, kind: str, num: int, rngs: nnx.Rngs) -> DecoderLayer:
@@ -46,6 +55,13 @@ def _stacked_layers(config: ModelConfig, kind: str, num: int, rngs: nnx.Rngs) ->
     return make(rngs)
 
 
+class DecodeCache(NamedTuple):
+    """State of incremental decoding (a pytree; see ``CausalLM.init_cache``)."""
+    layers: tuple  # per stack of config.stacks: its attention's cache pytree, leaves [layers, B, S, ...]
+    mask: jax.Array  # [B, S] int32: 1 where a slot holds a real token (written slots only)
+    index: jax.Array  # [] int32: the next slot to write (same for every row; left-pad ragged prompts)
+
+
 class CausalLM(nnx.Module):
     """Decoder-only causal LM. ``model(input_ids, attention_mask=None) -> logits [batch, seq, vocab]``."""
 
@@ -55,11 +71,11 @@ class CausalLM(nnx.Module):
         self.config = config
         self.embed = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dt)
         self.stacks = nnx.List([_stacked_layers(config, kind, num, rngs) for kind, _, num in config.stacks])
-        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt, rngs)
+        self.final_norm = rms_norm(config, config.hidden_size, rngs)
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), dt)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, observe=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, observe=None, cache=None):
         """Final-norm hidden states [B, T, d].
 
         ``attention_mask`` [B, T] is 1 for real tokens (left or right padding); ``position_ids`` default to
@@ -67,33 +83,63 @@ class CausalLM(nnx.Module):
         same (jitted, scanned) forward; then ``(hidden, observations)`` is returned, with one entry per stack of
         ``config.stacks`` (None for dense stacks) whose leaves carry a leading layer axis. This is how calibration
         statistics and router losses are computed without a second pass or Python hooks.
+
+        With ``cache`` (a ``DecodeCache``), the T new tokens are written at slots ``cache.index ...`` and attend
+        over every cached slot; ``position_ids`` then default to each token's count of earlier real tokens in its
+        row (so left-padded prompts get 0-based positions), and ``(hidden, updated cache)`` is returned.
         """
         c = self.config
         cdt = dtype_of(c.compute_dtype)
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
+        if cache is not None:
+            if observe is not None:
+                raise ValueError("observe and cache cannot be combined")
+            key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask.astype(jnp.int32),
+                                                    (0, cache.index))  # [B, S]
+            if position_ids is None:
+                earlier = jnp.sum(cache.mask, axis=1, keepdims=True)  # [B, 1] real tokens already cached
+                position_ids = jnp.maximum(earlier + jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(cdt)
-        cos, sin = rope_cos_sin(c, position_ids, cdt)
+        cos, sin = rope_cos_sin(c, position_ids)  # [B, T, rope_dim / 2] float32
         windows = jnp.asarray([c.sliding_window if lt == "sliding_attention" else 0 for lt in c.layer_types],
                               jnp.int32)  # [L]
         observations = []
-        for stack, (kind, start, num) in zip(self.stacks, c.stacks):
+        for i, (stack, (kind, start, num)) in enumerate(zip(self.stacks, c.stacks)):
             graphdef, state = nnx.split(stack)
 
             def body(h, xs, graphdef=graphdef):
-                layer_state, window = xs  # one layer's params; its sliding window (0 = full attention)
-                mask = make_attention_mask(attention_mask, t, window)
-                return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, observe)
+                layer_state, window, layer_cache = xs  # one layer's params, sliding window (0 = full), cache
+                layer = nnx.merge(graphdef, layer_state)
+                if layer_cache is None:
+                    return layer(h, cos, sin, make_attention_mask(attention_mask, t, window), observe)
+                mask = make_attention_mask(key_mask, t, window, q_start=cache.index)
+                h, _, layer_cache = layer(h, cos, sin, mask, cache=layer_cache, cache_index=cache.index)
+                return h, layer_cache
 
             if c.remat:
                 body = jax.checkpoint(body, prevent_cse=False)
-            x, observation = jax.lax.scan(body, x, (state, windows[start:start + num]))
+            stack_cache = None if cache is None else cache.layers[i]
+            x, observation = jax.lax.scan(body, x, (state, windows[start:start + num], stack_cache))
             observations.append(observation)
         x = self.final_norm(x)
+        if cache is not None:
+            return x, DecodeCache(tuple(observations), key_mask, cache.index + t)
         return x if observe is None else (x, observations)
+
+    def init_cache(self, batch: int, max_len: int) -> DecodeCache:
+        """An empty ``DecodeCache`` of ``max_len`` slots (padded prompt + generated tokens) in the compute dtype.
+
+        Each stack's entry is its attention module's ``init_cache(batch, max_len, dtype)`` with a leading layer axis.
+        """
+        dt = dtype_of(self.config.compute_dtype)
+        layers = tuple(jax.tree.map(lambda a, n=num: jnp.zeros((n,) + a.shape, a.dtype),
+                                    stack.attn.init_cache(batch, max_len, dt))
+                       for stack, (_, _, num) in zip(self.stacks, self.config.stacks))
+        return DecodeCache(layers, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
     def logits(self, hidden):
         """LM head on hidden states [..., d] -> logits [..., vocab] (compute dtype)."""

@@ -24,19 +24,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2d_jax.models.config import ModelConfig
-from m2d_jax.models.layers import dtype_of, glu_activation, param
+from m2d_jax.models.layers import MLP, dtype_of, glu_activation, param
 
 
 class ExpertWeights(NamedTuple):
     gate: jax.Array  # [E, embed, mlp]
     up: jax.Array  # [E, embed, mlp]
     down: jax.Array  # [E, mlp, embed]
+    gate_bias: jax.Array | None = None  # [E, mlp] (GPT-OSS)
+    up_bias: jax.Array | None = None  # [E, mlp]
+    down_bias: jax.Array | None = None  # [E, embed]
 
 
 def expert_ffn(experts: ExpertWeights, act: Callable, xb):
     """Each expert on its own rows: xb [E, C, d] -> [E, C, d] (E may be a gathered subset of experts)."""
-    h = act(jnp.einsum("ecd,edm->ecm", xb, experts.gate), jnp.einsum("ecd,edm->ecm", xb, experts.up))
-    return jnp.einsum("ecm,emd->ecd", h, experts.down)
+    gate = jnp.einsum("ecd,edm->ecm", xb, experts.gate)
+    up = jnp.einsum("ecd,edm->ecm", xb, experts.up)
+    if experts.gate_bias is not None:
+        gate, up = gate + experts.gate_bias[:, None], up + experts.up_bias[:, None]
+    out = jnp.einsum("ecm,emd->ecd", act(gate, up), experts.down)
+    return out if experts.down_bias is None else out + experts.down_bias[:, None]
 
 
 class Routing(NamedTuple):
@@ -63,6 +70,29 @@ def route_softmax_topk(logits, k: int, norm_topk_prob: bool) -> Routing:
     if norm_topk_prob:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
     return Routing(logits, probs, top_idx.astype(jnp.int32), top_p.astype(logits.dtype))
+
+
+def route_softmax_topk_scaled(logits, k: int, scaling: float, n_group: int = 1, topk_group: int = 1,
+                              out_dtype=jnp.float32) -> Routing:
+    """DeepSeek-V2: softmax over all experts -> top-k (group-limited: only experts of the ``topk_group`` groups
+    with the highest max-probability compete) -> weights = p * ``routed_scaling_factor``, not renormalised."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [T, E]
+    candidates = probs
+    if n_group > 1:
+        t, e = probs.shape
+        group_best = jnp.max(probs.reshape(t, n_group, e // n_group), axis=-1)  # [T, groups]
+        _, keep = jax.lax.top_k(group_best, topk_group)
+        group_mask = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], keep].set(True)
+        candidates = jnp.where(jnp.repeat(group_mask, e // n_group, axis=1), probs, 0.0)
+    top_p, top_idx = jax.lax.top_k(candidates, k)
+    return Routing(logits, probs, top_idx.astype(jnp.int32), (top_p * scaling).astype(out_dtype))
+
+
+def route_topk_softmax(logits, k: int) -> Routing:
+    """GPT-OSS: top-k over the logits, softmax over the k selected (``probs`` is still the full softmax)."""
+    top_logits, top_idx = jax.lax.top_k(logits, k)
+    weights = jax.nn.softmax(top_logits, axis=-1)
+    return Routing(logits, jax.nn.softmax(logits.astype(jnp.float32), axis=-1), top_idx.astype(jnp.int32), weights)
 
 
 def default_dispatch() -> str:
@@ -181,11 +211,15 @@ def _block_outputs(x, top_idx, experts: ExpertWeights, act, block_size: int, blo
 
 def _ragged_outputs(x, top_idx, experts: ExpertWeights, act):
     t, k = top_idx.shape
-    order, _, group_sizes = _sort_assignments(top_idx, experts.gate.shape[0])
+    order, sorted_expert, group_sizes = _sort_assignments(top_idx, experts.gate.shape[0])
     xs = x[order // k]  # [A, d] tokens in expert order
     gs = group_sizes.astype(jnp.int32)
-    h = act(jax.lax.ragged_dot(xs, experts.gate, gs), jax.lax.ragged_dot(xs, experts.up, gs))
-    y_sorted = jax.lax.ragged_dot(h, experts.down, gs)
+    gate, up = jax.lax.ragged_dot(xs, experts.gate, gs), jax.lax.ragged_dot(xs, experts.up, gs)
+    if experts.gate_bias is not None:
+        gate, up = gate + experts.gate_bias[sorted_expert], up + experts.up_bias[sorted_expert]
+    y_sorted = jax.lax.ragged_dot(act(gate, up), experts.down, gs)
+    if experts.down_bias is not None:
+        y_sorted = y_sorted + experts.down_bias[sorted_expert]
     return _unsort(y_sorted, order).reshape(t, k, -1)
 
 
@@ -194,21 +228,45 @@ def _unsort(y_sorted, order):
 
 
 class MoE(nnx.Module):
-    """Routed SwiGLU experts stacked on a leading expert axis, with a linear router."""
+    """Routed SwiGLU experts stacked on a leading expert axis, a linear router (+ bias), and optional always-on
+    shared experts (one dense MLP of width ``shared_expert_size``, added with weight 1)."""
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         c, dt = config, dtype_of(config.dtype)
         self.config = config
         e, d, m = c.num_experts, c.hidden_size, c.moe_intermediate_size
         self.router = param(rngs, (d, e), ("embed", "exp"), dt)
+        if c.router_bias:
+            self.router_bias = param(rngs, (e,), ("exp",), dt, init="zeros")
         self.gate_proj = param(rngs, (e, d, m), ("exp", "embed", "mlp"), dt)
         self.up_proj = param(rngs, (e, d, m), ("exp", "embed", "mlp"), dt)
         self.down_proj = param(rngs, (e, m, d), ("exp", "mlp", "embed"), dt)
+        if c.expert_bias:
+            self.gate_bias = param(rngs, (e, m), ("exp", "mlp"), dt, init="zeros")
+            self.up_bias = param(rngs, (e, m), ("exp", "mlp"), dt, init="zeros")
+            self.down_bias = param(rngs, (e, d), ("exp", "embed"), dt, init="zeros")
+        if c.shared_expert_size:
+            self.shared = MLP(config, c.shared_expert_size, rngs)
 
     def route(self, x) -> Routing:
+        """x [T, d] -> the family's routing decision."""
         c = self.config
+        if c.router == "softmax_topk_scaled":  # DeepSeek computes router logits in float32
+            logits = x.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+            return route_softmax_topk_scaled(logits, c.num_experts_per_tok, c.routed_scaling_factor,
+                                             c.n_group if c.topk_method == "group_limited_greedy" else 1,
+                                             c.topk_group, out_dtype=x.dtype)
         logits = x @ self.router[...].astype(x.dtype)  # [T, E]
+        if c.router_bias:
+            logits = logits + self.router_bias[...].astype(x.dtype)
+        if c.router == "topk_softmax":
+            return route_topk_softmax(logits, c.num_experts_per_tok)
         return route_softmax_topk(logits, c.num_experts_per_tok, c.norm_topk_prob)
+
+    def expert_weights(self, dtype) -> ExpertWeights:
+        names = ("gate_proj", "up_proj", "down_proj") + (("gate_bias", "up_bias", "down_bias")
+                                                          if self.config.expert_bias else ())
+        return ExpertWeights(*(getattr(self, n)[...].astype(dtype) for n in names))
 
     def __call__(self, x, observe: Callable[[MoEView], object] | None = None):
         """x: [B, T, d] -> (y [B, T, d], ``observe(view)`` or None)."""
@@ -216,10 +274,12 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         routing = self.route(flat)
-        experts = ExpertWeights(*(w[...].astype(x.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)))
-        act = glu_activation(c.hidden_act)
+        experts = self.expert_weights(x.dtype)
+        act = glu_activation(c)
         outs = expert_outputs(c.moe_dispatch, flat, routing.top_idx, experts, act, c.capacity_factor,
                               c.moe_block_size, c.moe_blocks_per_step)  # [B*T, k, d]
-        y = jnp.einsum("tk,tkd->td", routing.top_weight, outs)
+        y = jnp.einsum("tk,tkd->td", routing.top_weight.astype(x.dtype), outs)
+        if c.shared_expert_size:
+            y = y + self.shared(flat)
         observation = observe(MoEView(flat, routing, outs, experts, act)) if observe is not None else None
         return y.reshape(b, t, d), observation

@@ -7,7 +7,7 @@ from typing import Any
 from m2d_jax.hf.keymap import Flat, FusedGateUp, Linear, Rule, StackedLinear, rule
 from m2d_jax.hf.safetensors_io import CheckpointError
 from m2d_jax.models.config import ModelConfig
-from m2d_jax.models.layers import SUPPORTED_ROPE_TYPES
+from m2d_jax.models.rope import SUPPORTED_ROPE_TYPES
 
 # Checkpoint keys that carry no parameters (old exports saved RoPE buffers).
 IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -30,7 +30,7 @@ class ConfigReader:
 
     def rope(self) -> dict:
         """v5 ``rope_parameters`` or v4 ``rope_theta`` + ``rope_scaling`` -> one dict with rope_type, rope_theta."""
-        params = dict(self.hf.get("rope_parameters") or {})
+        params = dict(self.get("rope_parameters") or {})
         scaling = self.hf.get("rope_scaling")
         if scaling:
             params.update(scaling)
@@ -43,6 +43,48 @@ class ConfigReader:
             self.fail(field, f"unsupported RoPE type {params['rope_type']!r} "
                              f"(supported for this family: {SUPPORTED_ROPE_TYPES})")
         return params
+
+
+    def check_quantization(self, supported: tuple[str, ...] = ()):
+        method = (self.hf.get("quantization_config") or {}).get("quant_method")
+        if method is not None and method not in supported:
+            self.fail("quantization_config", f"unsupported quantization method {method!r} "
+                                             f"(supported for this family: {supported or 'none'})")
+        return method
+
+    def common_fields(self) -> dict:
+        """ModelConfig fields every decoder family spells the same way in config.json."""
+        heads, hidden = int(self.get("num_attention_heads")), int(self.get("hidden_size"))
+        rope = self.rope()
+        return dict(
+            family=self.hf["model_type"], vocab_size=int(self.get("vocab_size")), hidden_size=hidden,
+            num_layers=int(self.get("num_hidden_layers")), num_heads=heads,
+            num_kv_heads=int(self.get("num_key_value_heads", default=heads)),
+            head_dim=int(self.get("head_dim", default=hidden // heads)),
+            intermediate_size=int(self.get("intermediate_size")), rms_norm_eps=float(self.get("rms_norm_eps")),
+            max_position_embeddings=int(self.get("max_position_embeddings")),
+            rope_theta=float(rope.pop("rope_theta")), rope_type=rope.pop("rope_type"),
+            rope_params=tuple(sorted(rope.items())),
+            tie_word_embeddings=bool(self.get("tie_word_embeddings", default=False)),
+            attention_bias=bool(self.get("attention_bias", default=False)))
+
+    def build(self, **fields) -> ModelConfig:
+        try:
+            return ModelConfig(**fields)
+        except (ValueError, TypeError) as err:
+            raise CheckpointError(f"{self.source}: {err}") from err
+
+
+def common_hf_fields(config: ModelConfig) -> dict:
+    """config.json fields every decoder family spells the same way (the inverse of ``ConfigReader.common_fields``),
+    in transformers-v5 style (``rope_parameters``, ``dtype``)."""
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters={"rope_type": config.rope_type, "rope_theta": config.rope_theta, **dict(config.rope_params)},
+        tie_word_embeddings=config.tie_word_embeddings, attention_bias=config.attention_bias, dtype=config.dtype)
 
 
 def llama_attention_rules(config: ModelConfig) -> list[Rule]:
@@ -58,23 +100,43 @@ def llama_attention_rules(config: ModelConfig) -> list[Rule]:
     ]
     if config.attention_bias:
         rules += [rule(pre + f"self_attn.{p}_proj.bias", f"attn/{p}_proj/bias", transform=Flat()) for p in "qkvo"]
-    if config.qk_norm == "head":
+    if config.qk_norm in ("head", "full"):
         rules += [rule(pre + "self_attn.q_norm.weight", "attn/q_norm/scale"),
                   rule(pre + "self_attn.k_norm.weight", "attn/k_norm/scale")]
+    if config.attention_sinks:
+        rules.append(rule(pre + "self_attn.sinks", "attn/sinks"))
     return rules
 
 
-def swiglu_mlp_rules(prefix: str, path: str) -> list[Rule]:
-    return [rule(prefix + f"{p}_proj.weight", f"{path}/{p}_proj/kernel", transform=Linear(1))
-            for p in ("gate", "up", "down")]
+def swiglu_mlp_rules(prefix: str, path: str, bias: bool = False) -> list[Rule]:
+    rules = [rule(prefix + f"{p}_proj.weight", f"{path}/{p}_proj/kernel", transform=Linear(1))
+             for p in ("gate", "up", "down")]
+    if bias:
+        rules += [rule(prefix + f"{p}_proj.bias", f"{path}/{p}_proj/bias") for p in ("gate", "up", "down")]
+    return rules
 
 
-def expert_rules(prefix: str, layout: str) -> list[Rule]:
-    """Routed experts: ``per_expert`` (hub files, what save_pretrained writes) or ``fused`` (v5 in-memory)."""
+def expert_rules(prefix: str, layout: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+                 ) -> list[Rule]:
+    """Routed experts: ``per_expert`` (hub files, what save_pretrained writes; ``names`` of the gate/up/down
+    modules, e.g. Mixtral's w1/w3/w2) or ``fused`` (transformers-v5 in-memory layout)."""
     if layout == "per_expert":
-        return [rule(prefix + "experts.{expert}." + f"{p}_proj.weight", f"moe/{p}_proj", transform=Linear(1))
-                for p in ("gate", "up", "down")]
+        return [rule(prefix + "experts.{expert}." + f"{name}.weight", f"moe/{p}_proj", transform=Linear(1))
+                for name, p in zip(names, ("gate", "up", "down"))]
     if layout == "fused":
         return [rule(prefix + "experts.gate_up_proj", "moe/gate_proj", "moe/up_proj", transform=FusedGateUp()),
                 rule(prefix + "experts.down_proj", "moe/down_proj", transform=StackedLinear())]
     raise ValueError(f"unknown expert layout {layout!r}")
+
+
+class DecoderAdapter:
+    """Base of the family adapters: the global (non-layer) keys every family shares."""
+
+    expert_layouts: tuple[str, ...] = ("per_expert", "fused")  # [0] is the hub layout, the one export writes
+
+    def global_rules(self, config: ModelConfig) -> list[Rule]:
+        rules = [rule("model.embed_tokens.weight", "embed"), rule("model.norm.weight", "final_norm/scale")]
+        if not config.tie_word_embeddings:
+            rules.append(rule("lm_head.weight", "lm_head", transform=Linear(1)))
+        return rules
+

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from m2d_jax.hf.adapters.common import (ConfigReader, expert_rules, llama_attention_rules, swiglu_mlp_rules)
+from m2d_jax.hf.adapters.common import (ConfigReader, DecoderAdapter, common_hf_fields, expert_rules,
+                                        llama_attention_rules, swiglu_mlp_rules)
 from m2d_jax.hf.keymap import Linear, Rule, rule
-from m2d_jax.hf.safetensors_io import CheckpointError
 from m2d_jax.models.config import ModelConfig
 
 
-class Qwen3Adapter:
+class Qwen3Adapter(DecoderAdapter):
     """Qwen3 dense (``qwen3``, the student family) and Qwen3-MoE (``qwen3_moe``)."""
 
     model_types = ("qwen3", "qwen3_moe")
     architectures = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-    expert_layouts = ("per_expert", "fused")  # the first is the hub/on-disk layout, used for export
     defaults = {
         "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                       num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -27,13 +26,11 @@ class Qwen3Adapter:
     def config_from_hf(self, hf: dict, source: str) -> ModelConfig:
         model_type = hf["model_type"]
         r = ConfigReader(hf, source, self.defaults[model_type])
-        act = r.get("hidden_act", default="silu")
-        if act != "silu":
-            r.fail("hidden_act", f"unsupported activation {act!r} (expected 'silu')")
-        layers = int(r.get("num_hidden_layers"))
-        heads = int(r.get("num_attention_heads"))
-        hidden = int(r.get("hidden_size"))
-        rope = r.rope()
+        r.check_quantization()
+        if r.get("hidden_act", default="silu") != "silu":
+            r.fail("hidden_act", f"unsupported activation {r.get('hidden_act')!r} (expected 'silu')")
+        fields = r.common_fields()
+        layers = fields["num_layers"]
         sliding = r.get("sliding_window") if r.get("use_sliding_window", default=False) else None
         if model_type == "qwen3":
             layer_types = r.get("layer_types") or [
@@ -53,26 +50,27 @@ class Qwen3Adapter:
                        norm_topk_prob=bool(r.get("norm_topk_prob", default=False)))
         if len(layer_types) != layers:
             r.fail("layer_types", f"{len(layer_types)} entries for num_hidden_layers={layers}")
-        try:
-            return ModelConfig(
-                family=model_type, vocab_size=int(r.get("vocab_size")), hidden_size=hidden, num_layers=layers,
-                num_heads=heads, num_kv_heads=int(r.get("num_key_value_heads", default=heads)),
-                head_dim=int(r.get("head_dim", default=hidden // heads)),
-                intermediate_size=int(r.get("intermediate_size")), layer_types=tuple(layer_types),
-                ffn_kinds=tuple(ffn_kinds), rms_norm_eps=float(r.get("rms_norm_eps")),
-                max_position_embeddings=int(r.get("max_position_embeddings")),
-                rope_theta=float(rope.pop("rope_theta")), rope_type=rope.pop("rope_type"),
-                rope_params=tuple(sorted(rope.items())), sliding_window=sliding,
-                tie_word_embeddings=bool(r.get("tie_word_embeddings", default=False)),
-                attention_bias=bool(r.get("attention_bias", default=False)), qk_norm="head", hidden_act=act, **moe)
-        except ValueError as err:
-            raise CheckpointError(f"{source}: {err}") from err
+        return r.build(**fields, layer_types=tuple(layer_types), ffn_kinds=tuple(ffn_kinds), sliding_window=sliding,
+                       qk_norm="head", **moe)
 
-    def global_rules(self, config: ModelConfig) -> list[Rule]:
-        rules = [rule("model.embed_tokens.weight", "embed"), rule("model.norm.weight", "final_norm/scale")]
-        if not config.tie_word_embeddings:
-            rules.append(rule("lm_head.weight", "lm_head", transform=Linear(1)))
-        return rules
+    def config_to_hf(self, config: ModelConfig) -> dict:
+        """config.json of ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` for this model (the inverse of
+        ``config_from_hf``); transformers loads it with no custom code."""
+        sliding = [i for i, t in enumerate(config.layer_types) if t == "sliding_attention"]
+        hf = dict(model_type=config.family, architectures=[self.architectures[config.family]],
+                  **common_hf_fields(config), use_sliding_window=bool(sliding),
+                  sliding_window=config.sliding_window if sliding else None)
+        if config.family == "qwen3":
+            hf.update(layer_types=list(config.layer_types),
+                      max_window_layers=sliding[0] if sliding else config.num_layers)
+        else:
+            if sliding and len(sliding) != config.num_layers:
+                raise ValueError("Qwen3-MoE has a sliding window on all layers or none; layer_types mixes both")
+            hf.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                      moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+                      decoder_sparse_step=1,
+                      mlp_only_layers=[i for i, kind in enumerate(config.ffn_kinds) if kind == "dense"])
+        return hf
 
     def layer_rules(self, config: ModelConfig, kind: str, expert_layout: str = "per_expert") -> list[Rule]:
         pre = "model.layers.{layer}.mlp."

@@ -1,0 +1,50 @@
+"""DeepSeek-V2 multi-head latent attention (MLA).
+
+Queries come from a plain projection or a low-rank (``q_lora_rank``) path with an RMSNorm; keys and values come from
+one compressed latent [kv_lora_rank] (RMS-normalised, then expanded per head by ``kv_b_proj``) plus a single shared
+rotary key part [qk_rope_head_dim]. RoPE acts on interleaved pairs in float32. The softmax scale is
+(qk_nope + qk_rope)^-1/2, times YaRN's mscale^2 when configured.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from m2d_jax.models.config import ModelConfig
+from m2d_jax.models.layers import Linear, RMSNorm, dot_product_attention, dtype_of
+from m2d_jax.models.rope import apply_rope_interleaved, softmax_scale
+
+LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps
+
+
+class MLAttention(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c, dt = config, dtype_of(config.dtype)
+        self.config = config
+        d, h = c.hidden_size, c.num_heads
+        qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = Linear((d,), (h, qk), ("embed",), ("heads", "head_dim"), False, dt, rngs)
+        else:
+            self.q_a_proj = Linear((d,), (c.q_lora_rank,), ("embed",), ("q_lora",), c.attention_bias, dt, rngs)
+            self.q_a_norm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS, dt, rngs, axis_name="q_lora")
+            self.q_b_proj = Linear((c.q_lora_rank,), (h, qk), ("q_lora",), ("heads", "head_dim"), False, dt, rngs)
+        self.kv_a_proj = Linear((d,), (c.kv_lora_rank + c.qk_rope_head_dim,), ("embed",), ("kv_lora",),
+                                c.attention_bias, dt, rngs)
+        self.kv_a_norm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS, dt, rngs, axis_name="kv_lora")
+        self.kv_b_proj = Linear((c.kv_lora_rank,), (h, c.qk_nope_head_dim + c.v_head_dim), ("kv_lora",),
+                                ("heads", "head_dim"), False, dt, rngs)
+        self.o_proj = Linear((h, c.v_head_dim), (d,), ("heads", "head_dim"), ("embed",), c.attention_bias, dt, rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        c = self.config
+        nope, rope = c.qk_nope_head_dim, c.qk_rope_head_dim
+        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))  # [B,T,H,qk]
+        latent = self.kv_a_proj(x)  # [B, T, kv_lora + rope]
+        kv = self.kv_b_proj(self.kv_a_norm(latent[..., :c.kv_lora_rank]))  # [B, T, H, nope + v]
+        k_rope = apply_rope_interleaved(latent[..., None, c.kv_lora_rank:], cos, sin)  # [B, T, 1, rope]
+        q = jnp.concatenate([q[..., :nope], apply_rope_interleaved(q[..., nope:], cos, sin)], axis=-1)
+        k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_rope, kv.shape[:3] + (rope,))], axis=-1)
+        out = dot_product_attention(q, k, kv[..., nope:], mask, softmax_scale(c))  # [B, T, H, v]
+        return self.o_proj(out)
