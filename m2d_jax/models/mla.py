@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2d_jax.models.config import ModelConfig
-from m2d_jax.models.layers import Linear, RMSNorm, dot_product_attention, dtype_of
+from m2d_jax.models.layers import Linear, RMSNorm, dot_product_attention, dtype_of, write_cache
 from m2d_jax.models.rope import apply_rope_interleaved, softmax_scale
 
 LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps
@@ -37,14 +37,25 @@ class MLAttention(nnx.Module):
                                 ("heads", "head_dim"), False, dt, rngs)
         self.o_proj = Linear((h, c.v_head_dim), (d,), ("heads", "head_dim"), ("embed",), c.attention_bias, dt, rngs)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        """x [B, T, d] -> [B, T, d]; with a ``cache`` (see ``init_cache``) -> (out, updated cache)."""
         c = self.config
         nope, rope = c.qk_nope_head_dim, c.qk_rope_head_dim
         q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))  # [B,T,H,qk]
-        latent = self.kv_a_proj(x)  # [B, T, kv_lora + rope]
-        kv = self.kv_b_proj(self.kv_a_norm(latent[..., :c.kv_lora_rank]))  # [B, T, H, nope + v]
-        k_rope = apply_rope_interleaved(latent[..., None, c.kv_lora_rank:], cos, sin)  # [B, T, 1, rope]
+        compressed = self.kv_a_proj(x)  # [B, T, kv_lora + rope]
+        latent = self.kv_a_norm(compressed[..., :c.kv_lora_rank])  # [B, T, kv_lora]
+        k_rope = apply_rope_interleaved(compressed[..., None, c.kv_lora_rank:], cos, sin)[:, :, 0]  # [B, T, rope]
+        if cache is not None:  # decoding caches the compressed latent and the shared rotary key, as DeepSeek does
+            cache = write_cache(cache, cache_index, latent=latent, k_rope=k_rope)
+            latent, k_rope = cache["latent"], cache["k_rope"]  # [B, S, ...]
+        kv = self.kv_b_proj(latent)  # [B, S, H, nope + v]
         q = jnp.concatenate([q[..., :nope], apply_rope_interleaved(q[..., nope:], cos, sin)], axis=-1)
-        k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_rope, kv.shape[:3] + (rope,))], axis=-1)
-        out = dot_product_attention(q, k, kv[..., nope:], mask, softmax_scale(c))  # [B, T, H, v]
-        return self.o_proj(out)
+        k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_rope[:, :, None], kv.shape[:3] + (rope,))], axis=-1)
+        out = self.o_proj(dot_product_attention(q, k, kv[..., nope:], mask, softmax_scale(c)))  # [B, T, d]
+        return out if cache is None else (out, cache)
+
+    def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+        """Zeroed per-layer decode cache: {"latent": [batch, max_len, kv_lora_rank], "k_rope": [.., qk_rope]}."""
+        c = self.config
+        return {"latent": jnp.zeros((batch, max_len, c.kv_lora_rank), dtype),
+                "k_rope": jnp.zeros((batch, max_len, c.qk_rope_head_dim), dtype)}
