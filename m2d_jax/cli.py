@@ -37,14 +37,13 @@ def _cmd_demo(args) -> int:
 
 def _cmd_distill(args) -> int:
     from m2d_jax.config_utils import apply_overrides, load_config
-    from m2d_jax.distill import check_config, run
+    from m2d_jax.distill import run
 
     config = apply_overrides(load_config(args.config), args.overrides)
     for field, path in (("teacher", args.teacher), ("student", args.student)):
         if path:
             config[field].path = path
-    check_config(config)  # unknown keys and bad values fail here, before any data, model or compute
-    result = run(config)
+    result = run(config)  # validates the config (unknown keys, mesh, batch) before any data, model or compute
     print(json.dumps(result, indent=2))
     return 0
 
@@ -74,9 +73,9 @@ def _cmd_score(args) -> int:
                                  ("kernel", args.kernel)) if v is not None}
     config = None
     if args.model:
-        import m2d_jax
+        from m2d_jax.info import load_config
 
-        config = m2d_jax.from_pretrained(args.model).config
+        config, _ = load_config(args.model)  # config only: no weights are read
     result = run_selection(stats, args.scoring, args.experts, config, **options)
     layers = stats.moe_layers
     if args.json:
@@ -111,7 +110,9 @@ def _cmd_eval_tasks(args) -> int:
                             include_path=args.include_path, include_defaults=not args.local_tasks_only,
                             batch_size=args.batch_size, dtype=args.dtype, limit=args.limit, output=args.output,
                             **model_args)
-    if result:  # empty on processes other than 0 of a multi-host run
+    import jax
+
+    if jax.process_index() == 0:
         print(format_table(result))
     return 0
 

@@ -94,7 +94,9 @@ def test_cli_rejects_unknown_overrides(capsys):
 
 @pytest.mark.slow
 def test_demo_runs_and_passes(tmp_path, capsys):
-    assert m2d_main(["demo", f"--config.workdir={tmp_path}", "--config.seq_len=24"]) == 0
+    assert m2d_main(["demo", f"--config.workdir={tmp_path}", "--config.parity.seq_len=24"]) == 0
     out = capsys.readouterr().out
-    assert "demo: PASSED" in out and "dispatch=capacity" in out
-    assert checkpoint.is_m2d_checkpoint(tmp_path / "teacher")
+    assert "demo: PASSED" in out and "dispatch=capacity" in out and "FAILED" not in out
+    for stage in ("teacher", "student", "distill_converted/student"):
+        assert checkpoint.is_m2d_checkpoint(tmp_path / stage)
+    assert (tmp_path / "student_hf" / "config.json").exists() and (tmp_path / "distilled_hf" / "config.json").exists()

@@ -1,0 +1,145 @@
+"""Device mesh and the one table of logical-axis rules.
+
+Parameters carry logical axis names in their ``out_sharding`` metadata (``vocab``, ``embed``, ``heads``,
+``kv_heads``, ``head_dim``, ``mlp``, ``exp``, ``layers``; ``q_lora`` / ``kv_lora`` for MLA). ``LOGICAL_AXIS_RULES``
+maps each name to a mesh axis (or None = replicated); parallelism is changed here, never in model code. The batch
+is sharded over (``data``, ``fsdp``). The same rules serve TPU, GPU and CPU meshes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis. FSDP shards the model dimension (ZeRO-3 style); tensor parallelism splits heads, FFN
+# width and vocabulary; expert parallelism splits the expert axis. ``layers`` and ``head_dim`` stay whole.
+LOGICAL_AXIS_RULES: dict[str, str | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "exp": "expert",
+    "layers": None,
+    "q_lora": None,  # DeepSeek MLA low-rank latents: small, replicated
+    "kv_lora": None,
+}
+
+
+class MeshError(ValueError):
+    """A mesh or batch layout that cannot be realised on the available devices."""
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolve axis sizes (at most one -1 = "the rest") against ``num_devices``; errors name the offending axes."""
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise MeshError(f"config.mesh: unknown axes {unknown}; expected {MESH_AXES}")
+    shape = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+    free = [a for a, n in shape.items() if n == -1]
+    bad = [a for a, n in shape.items() if n == 0 or n < -1]
+    if bad or len(free) > 1:
+        raise MeshError(f"config.mesh: sizes must be positive with at most one -1, got {shape}")
+    fixed = math.prod(n for n in shape.values() if n != -1)
+    if num_devices % fixed:
+        raise MeshError(f"config.mesh: product of sizes {shape} = {fixed} does not divide the {num_devices} devices")
+    if free:
+        shape[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise MeshError(f"config.mesh: sizes {shape} use {fixed} devices but {num_devices} are available "
+                        f"(set one axis to -1 to take the rest)")
+    return shape
+
+
+def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
+    """A ``Mesh`` with axes (data, fsdp, tensor, expert) from config sizes (-1 = the rest of the devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(sizes, len(devices))
+    try:  # topology-aware device order on TPU/GPU; plain order otherwise
+        grid = mesh_utils.create_device_mesh(tuple(shape.values()), devices)
+    except Exception:  # noqa: BLE001 - e.g. CPU or a device subset: fall back to the given order
+        grid = np.asarray(devices, dtype=object).reshape(tuple(shape.values()))
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                    rules: Mapping[str, str | None] = LOGICAL_AXIS_RULES) -> P:
+    """PartitionSpec of one array from its logical axis names.
+
+    A mesh axis is used at most once per array (first dimension wins), and a dimension that the mesh axis size does
+    not divide stays replicated (e.g. 2 KV heads on a tensor axis of 4): always a valid layout, never an error.
+    """
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape):
+        if name is not None and name not in rules:
+            raise MeshError(f"logical axis {name!r} has no rule (known: {sorted(rules)})")
+        mesh_axis = rules.get(name) if name is not None else None
+        if mesh_axis is None or mesh_axis in used or size % mesh.shape[mesh_axis]:
+            spec.append(None)
+            continue
+        used.add(mesh_axis)
+        spec.append(mesh_axis if mesh.shape[mesh_axis] > 1 else None)
+    return P(*spec)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_AXIS_RULES) -> dict:
+    """NamedSharding for every parameter of ``model`` (pure-dict tree, as ``nnx.state(model, nnx.Param)``)."""
+    state = nnx.state(model, nnx.Param)
+    flat = {}
+    for path, var in nnx.to_flat_state(state):
+        axes = var.get_metadata().get("out_sharding")
+        value = var.get_value()
+        if axes is None:
+            axes = (None,) * value.ndim
+        flat[path] = NamedSharding(mesh, logical_to_spec(tuple(axes), tuple(value.shape), mesh, rules))
+    return _unflatten(flat)
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+def shard_params(params: dict, shardings: dict) -> dict:
+    """Place a pure-dict parameter tree on the mesh (``jax.device_put`` per leaf)."""
+    return jax.tree.map(jax.device_put, params, shardings)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) axis over (data, fsdp); other axes replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch(batch_size: int, micro_batches: int, mesh: Mesh) -> None:
+    """The global batch must split into ``micro_batches`` micro-batches, each divisible by data x fsdp."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % micro_batches:
+        raise MeshError(f"config.data.batch_size={batch_size} is not divisible by "
+                        f"config.micro_batches={micro_batches}")
+    if (batch_size // micro_batches) % shards:
+        raise MeshError(f"config.data.batch_size={batch_size} / micro_batches={micro_batches} = "
+                        f"{batch_size // micro_batches} sequences per micro-batch is not divisible by "
+                        f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {shards}")
+    if batch_size % jax.process_count():
+        raise MeshError(f"config.data.batch_size={batch_size} is not divisible by the "
+                        f"{jax.process_count()} processes")

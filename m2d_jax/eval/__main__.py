@@ -1,0 +1,7 @@
+"""``python -m m2d_jax.eval ARGS``: lm-eval's own command line (``lm_eval ARGS``) with the "m2d" backend registered."""
+
+import m2d_jax.eval.lm_eval_backend  # noqa: F401  (registers "m2d")
+from lm_eval.__main__ import cli_evaluate
+
+if __name__ == "__main__":
+    cli_evaluate()

@@ -1,0 +1,179 @@
+"""Distillation numerics against independent references: the chunked forward KL vs NumPy and torch's kl_div, the
+next-token CE and Switch load-balancing loss vs NumPy, the WSD schedule vs transformers' get_wsd_schedule, and the
+mesh / logical-axis rules."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2d_jax.distill import loss as L
+from m2d_jax.distill.schedule import wsd_schedule
+from m2d_jax.distill.sharding import MeshError, check_batch, logical_to_spec, make_mesh, mesh_shape
+
+B, S, D, V = 3, 11, 8, 40
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.fixture()
+def case():
+    rng = np.random.default_rng(0)
+    hs, ht = rng.normal(size=(B, S, D)), rng.normal(size=(B, S, D))
+    ws, wt = rng.normal(size=(D, V)), rng.normal(size=(D, V)) * 2
+    mask = np.ones((B, S), np.int32)
+    mask[0, :4] = 0  # left padding
+    mask[2, 7:] = 0  # right padding
+    return {k: np.asarray(v, np.float32) if k != "mask" else v for k, v in
+            dict(hs=hs, ht=ht, ws=ws, wt=wt, mask=mask).items()}
+
+
+def _kl(c, chunk, temperature=1.0, hs=None):
+    total, count = L.forward_kl_sums(jnp.asarray(c["hs"] if hs is None else hs), jnp.asarray(c["ht"]),
+                                     jnp.asarray(c["mask"]), lambda h: h @ jnp.asarray(c["ws"]),
+                                     lambda h: h @ jnp.asarray(c["wt"]), temperature, chunk)
+    return float(total / count), float(count)
+
+
+def test_kl_zero_for_identical_models(case):
+    total, count = L.forward_kl_sums(jnp.asarray(case["ht"]), jnp.asarray(case["ht"]), jnp.asarray(case["mask"]),
+                                     lambda h: h @ case["wt"], lambda h: h @ case["wt"], 1.0, 4)
+    assert count == case["mask"].sum() and abs(float(total)) < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_equals_numpy_and_torch_kl_div(case, temperature):
+    import torch
+
+    s_logits, t_logits = case["hs"] @ case["ws"] / temperature, case["ht"] @ case["wt"] / temperature
+    ls, lt = _np_log_softmax(s_logits.astype(np.float64)), _np_log_softmax(t_logits.astype(np.float64))
+    per_token = (np.exp(lt) * (lt - ls)).sum(-1)
+    ref = (per_token * case["mask"]).sum() / case["mask"].sum()
+    torch_per_token = torch.nn.functional.kl_div(torch.tensor(ls), torch.tensor(lt), reduction="none",
+                                                 log_target=True).sum(-1).numpy()
+    np.testing.assert_allclose(torch_per_token, per_token, rtol=1e-12)
+    value, _ = _kl(case, 4, temperature)
+    assert value > 0.1  # non-trivial case
+    np.testing.assert_allclose(value, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7, 11, 64])
+def test_kl_and_grads_independent_of_chunk_size(case, chunk):
+    def loss(ws, chunk):
+        total, count = L.forward_kl_sums(jnp.asarray(case["hs"]), jnp.asarray(case["ht"]), jnp.asarray(case["mask"]),
+                                         lambda h: h @ ws, lambda h: h @ jnp.asarray(case["wt"]), 1.0, chunk)
+        return total / count
+
+    ws = jnp.asarray(case["ws"])
+    ref_value, ref_grad = jax.value_and_grad(loss)(ws, 0)
+    value, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(ws, chunk)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_ignores_masked_positions(case):
+    perturbed = case["hs"].copy()
+    perturbed[case["mask"] == 0] = 1e3  # garbage where the mask is 0
+    assert _kl(case, 4) == pytest.approx(_kl(case, 4, hs=perturbed), rel=1e-6)
+    assert _kl(case, 0)[1] == case["mask"].sum()
+
+
+def test_next_token_ce_equals_numpy(case):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, V, size=(B, S)).astype(np.int32)
+    total, count = L.next_token_ce_sums(jnp.asarray(case["hs"]), jnp.asarray(ids), jnp.asarray(case["mask"]),
+                                        lambda h: h @ jnp.asarray(case["ws"]), chunk=4)
+    logp = _np_log_softmax((case["hs"] @ case["ws"]).astype(np.float64))
+    nll, n = 0.0, 0
+    for b in range(B):
+        for i in range(S - 1):
+            if case["mask"][b, i] and case["mask"][b, i + 1]:
+                nll -= logp[b, i, ids[b, i + 1]]
+                n += 1
+    assert float(count) == n
+    np.testing.assert_allclose(float(total), nll, rtol=1e-5)
+
+
+def test_load_balance_loss_equals_switch_formula():
+    rng = np.random.default_rng(2)
+    t, e, k = 12, 5, 2
+    probs = rng.dirichlet(np.ones(e), size=t).astype(np.float32)
+    top_idx = np.argsort(-probs, axis=1)[:, :k].astype(np.int32)
+    mask = np.array([[1] * 8 + [0] * 4], np.int32).reshape(2, 6)
+    view = types.SimpleNamespace(routing=types.SimpleNamespace(probs=jnp.asarray(probs),
+                                                               top_idx=jnp.asarray(top_idx)))
+    f, p = L.router_load_observer(jnp.asarray(mask))(view)
+    valid = mask.reshape(-1).astype(bool)
+    counts = np.zeros(e)
+    for row in top_idx[valid]:
+        counts[row] += 1
+    f_ref, p_ref = counts / (valid.sum() * k), probs[valid].mean(0)
+    np.testing.assert_allclose(f, f_ref, rtol=1e-6)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-6)
+    # two layers in one stack, a dense stack (None): mean over layers of E * sum_e f_e P_e
+    obs = [(jnp.stack([f, jnp.full(e, 1 / e)]), jnp.stack([p, jnp.full(e, 1 / e)])), None]
+    expected = (e * (f_ref * p_ref).sum() + 1.0) / 2
+    np.testing.assert_allclose(float(L.load_balance_loss(obs)), expected, rtol=1e-6)
+    assert float(L.load_balance_loss([None])) == 0.0
+
+
+@pytest.mark.parametrize("decay_type", ["cosine", "linear", "1-sqrt"])
+def test_wsd_matches_transformers(decay_type):
+    import torch
+    import transformers
+
+    lr, total, warmup, decay, ratio = 1e-4, 40, 5, 12, 0.1
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = transformers.get_wsd_schedule(opt, warmup, decay, num_training_steps=total, decay_type=decay_type,
+                                          min_lr_ratio=ratio)
+    ref = []
+    for _ in range(total + 3):
+        ref.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = wsd_schedule(lr, total, warmup, decay, ratio, decay_type)
+    np.testing.assert_allclose(np.asarray([ours(s) for s in range(total + 3)]), ref, rtol=1e-5, atol=1e-12)
+    assert ref[0] == pytest.approx(ratio * lr) and max(ref) == pytest.approx(lr)
+
+
+def test_wsd_rejects_bad_phases():
+    with pytest.raises(ValueError, match="warmup_steps=10 \\+ decay_steps=10"):
+        wsd_schedule(1e-4, 15, 10, 10)
+    with pytest.raises(ValueError, match="decay_type"):
+        wsd_schedule(1e-4, 15, 1, 1, decay_type="exp")
+
+
+def test_mesh_shapes_and_errors():
+    assert mesh_shape({"data": 2, "fsdp": -1, "tensor": 2, "expert": 1}, 8) == dict(data=2, fsdp=2, tensor=2,
+                                                                                     expert=1)
+    with pytest.raises(MeshError, match="does not divide the 8 devices"):
+        mesh_shape({"data": 3, "fsdp": -1}, 8)
+    with pytest.raises(MeshError, match="use 4 devices but 8 are available"):
+        mesh_shape({"data": 2, "fsdp": 2, "tensor": 1, "expert": 1}, 8)
+    with pytest.raises(MeshError, match="at most one -1"):
+        mesh_shape({"data": -1, "fsdp": -1}, 8)
+    with pytest.raises(MeshError, match="unknown axes \\['model'\\]"):
+        mesh_shape({"model": 2}, 8)
+
+
+def test_logical_rules_and_batch_checks():
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2, "expert": 2})
+    P = jax.sharding.PartitionSpec
+    assert logical_to_spec(("layers", "exp", "embed", "mlp"), (3, 4, 32, 16), mesh) == P(None, "expert", "fsdp",
+                                                                                        "tensor")
+    assert logical_to_spec(("embed", "vocab"), (32, 320), mesh) == P("fsdp", "tensor")
+    # one KV head cannot split over tensor=2: replicated, not an error; head_dim is never split
+    assert logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 32, 1, 16), mesh) == P(
+        None, "fsdp", None, None)
+    with pytest.raises(MeshError, match="logical axis 'bogus' has no rule"):
+        logical_to_spec(("bogus",), (4,), mesh)
+    check_batch(8, 2, mesh)  # 4 rows per micro-batch over data x fsdp = 2
+    with pytest.raises(MeshError, match="not divisible by data x fsdp = 1 x 2 = 2"):
+        check_batch(6, 6, mesh)  # 1 row per micro-batch
+    with pytest.raises(MeshError, match="not divisible by config.micro_batches=4"):
+        check_batch(6, 4, mesh)
