@@ -60,6 +60,6 @@ def apply_overrides(config: ConfigDict, overrides: list[str], prefix: str = "con
         value = _parse_value(text, node[leaf])
         try:
             node[leaf] = value
-        except TypeError as err:
-            raise TypeError(f"config key {key!r}: {err}") from err
+        except TypeError as err:  # a value that does not fit the field's type: bad input, not a bug
+            raise ValueError(f"config key {key!r}: {err}") from err
     return config

@@ -7,6 +7,7 @@ blocks as NumPy arrays (via ``ml_dtypes``) without ever importing torch, and let
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -83,10 +84,8 @@ class SafetensorsFile:
 
     def close(self):
         if self._mmap is not None:
-            try:
+            with contextlib.suppress(BufferError):  # arrays still view the map: unmapped when the last one is freed
                 self._mmap.close()
-            except BufferError:  # arrays still view the map; it is unmapped when the last one is freed
-                pass
             self._mmap = None
 
 
