@@ -42,9 +42,6 @@ class TrainCheckpointer:
                                                                        data=ocp.args.JsonRestore()))
         return restored["state"], restored["data"]
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()

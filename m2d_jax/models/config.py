@@ -161,9 +161,6 @@ class ModelConfig:
         d["rope_params"] = dict(self.rope_params)
         return d
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         fields = {f.name for f in dataclasses.fields(cls)}
