@@ -26,16 +26,13 @@ def from_pretrained(path: str | Path, dtype: str = "float32", **config_overrides
 def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                       overwrite: bool = False) -> Path:
     """``m2d import``: stream an HF checkpoint into an m2d_jax (Orbax) checkpoint directory."""
-    import hashlib
-
     from m2d_jax import __version__, checkpoint
     from m2d_jax.hf import load_hf
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    if out_dir.exists() and not overwrite:  # fail before any work
-        raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
+    checkpoint.ensure_new_output(out_dir, overwrite=overwrite)  # fail before any work
     model = load_hf(hf_dir, dtype=dtype)
-    config_hash = hashlib.sha256((hf_dir / "config.json").read_bytes()).hexdigest()
+    config_hash = checkpoint.file_sha256(hf_dir / "config.json")
     metadata = {"source": str(hf_dir.absolute()), "source_config_sha256": config_hash, "kind": "imported",
                 "m2d_jax_version": __version__}
     return checkpoint.save_model(model, out_dir, metadata, overwrite=overwrite)

@@ -59,6 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2d_jax.models import all_expert_outputs
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "m2d_jax.calibration/1"
@@ -175,7 +177,8 @@ def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
     def gram_chunk(carry, xs):
         gram, out_sum, out_norm = carry
         xc, mc = xs  # [chunk, d], [chunk]
-        f = jnp.where(mc[None, :, None] > 0, experts_on(experts, act, xc).astype(jnp.float32), 0.0)  # [E, chunk, d]
+        f = jnp.where(mc[None, :, None] > 0, all_expert_outputs(experts, act, xc).astype(jnp.float32),
+                      0.0)  # [E, chunk, d]
         gram = gram + jnp.einsum("ecd,fcd->ef", f, f, precision=hi)
         return (gram, out_sum + f.sum(1), out_norm + jnp.linalg.norm(f, axis=-1).sum(1)), None
 
@@ -197,14 +200,6 @@ def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
         sum_output_norm=out_norm,
         gram_tokens=mask_sub.sum(),
     )
-
-
-def experts_on(experts, act, x):
-    """Every expert on the same tokens: x [C, d] -> [E, C, d]."""
-    from m2d_jax.models import expert_ffn
-
-    e = jax.tree.leaves(experts)[0].shape[0]
-    return expert_ffn(experts, act, jnp.broadcast_to(x, (e,) + x.shape))
 
 
 @functools.lru_cache(maxsize=8)
@@ -429,9 +424,10 @@ def validate(stats: CalibrationStats, source: str = "statistics") -> Calibration
 
 def save_stats(stats: CalibrationStats, path: str | Path, overwrite: bool = False) -> Path:
     """One ``.npz`` file (float64 sums + a JSON metadata record), written to a temporary file and renamed."""
+    from m2d_jax.checkpoint import ensure_new_output
+
     path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose a new output path")
+    ensure_new_output(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:

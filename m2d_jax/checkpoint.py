@@ -12,6 +12,7 @@ half-written checkpoint under the target name. Restoring accepts a target shardi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,15 @@ FORMAT = "m2d_jax.model/1"
 RECORD = "m2d_model.json"
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (provenance of configs and statistics in checkpoint metadata)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def is_m2d_checkpoint(path: str | Path) -> bool:
     return (Path(path) / RECORD).exists()
 
@@ -45,11 +55,17 @@ def read_record(path: str | Path) -> dict:
     return record
 
 
+def ensure_new_output(*outs: str | Path | None, overwrite: bool = False) -> None:
+    """Fail (before any work) if an output path already exists, unless ``overwrite``; None entries are skipped."""
+    for out in outs:
+        if out is not None and not overwrite and Path(out).exists():
+            raise FileExistsError(f"{out} already exists; choose a new output path")
+
+
 def atomic_directory(out: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Run ``write(tmp_dir)`` and rename ``tmp_dir`` to ``out`` only if it succeeds."""
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose a new output directory")
+    ensure_new_output(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

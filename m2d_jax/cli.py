@@ -50,9 +50,9 @@ def _cmd_distill(args) -> int:
 
 def _cmd_calibrate(args) -> int:
     from m2d_jax.calibration import calibrate, save_stats
+    from m2d_jax.checkpoint import ensure_new_output
 
-    if args.out and not args.overwrite and __import__("os").path.exists(args.out):  # fail before any work
-        raise FileExistsError(f"{args.out} already exists; choose a new output path")
+    ensure_new_output(args.out, overwrite=args.overwrite)  # fail before any work
     stats = calibrate(args.model, args.data, seq_len=args.seq_len, num_seqs=args.num_seqs,
                       gram_tokens=args.gram_tokens, batch_size=args.batch_size, seed=args.seed,
                       gram_chunk=args.gram_chunk, tokenizer_dir=args.tokenizer, text_field=args.text_field,

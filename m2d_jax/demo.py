@@ -16,7 +16,6 @@ are what the demo asserts.
 
 from __future__ import annotations
 
-import gzip
 import json
 import tempfile
 import time
@@ -29,10 +28,9 @@ PARITY_TOLERANCE = 1e-4  # max |delta logit| in float32
 
 
 def _write_corpus(workdir: Path, heldout: int) -> tuple[Path, Path, list[str]]:
-    from m2d_jax.data import EMBEDDED_CORPUS
+    from m2d_jax.data import EMBEDDED_CORPUS, read_documents
 
-    with gzip.open(EMBEDDED_CORPUS, "rt") as f:
-        docs = [json.loads(line)["text"] for line in f]
+    docs = read_documents([EMBEDDED_CORPUS])
     train, test = workdir / "train.jsonl", workdir / "heldout.jsonl"
     train.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:-heldout]))
     test.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[-heldout:]))
@@ -55,6 +53,8 @@ def _max_valid_diff(got, want, mask) -> float:
 
 
 def run_demo(config: ConfigDict) -> dict:
+    import jax
+
     from m2d_jax import from_pretrained
     from m2d_jax.api import import_checkpoint
     from m2d_jax.calibration import calibrate, save_stats
@@ -127,8 +127,6 @@ def run_demo(config: ConfigDict) -> dict:
 
         d = config.distill
         print(f"[6/7] m2d distill (forward KL, {d.steps} steps) of the converted student and of the baseline")
-        import jax
-
         distilled = {}
         for name, init, lr in (("converted", student_ckpt, d.learning_rate),
                                ("random-FFN baseline", random_ckpt, d.baseline_learning_rate)):

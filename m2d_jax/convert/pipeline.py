@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -15,20 +14,6 @@ from m2d_jax.convert.student import build_dense_student, build_random_ffn_studen
 log = logging.getLogger(__name__)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _check_outputs(*outs):
-    for out in outs:
-        if out is not None and Path(out).exists():
-            raise FileExistsError(f"{out} already exists; choose a new output directory")
-
-
 def _teacher_source(model_path: Path) -> dict:
     """Provenance of the teacher: its path and its HF directory (an imported teacher records its own source)."""
     from m2d_jax import checkpoint
@@ -38,7 +23,7 @@ def _teacher_source(model_path: Path) -> dict:
     hf_dir = teacher_hf_dir({"source": str(model_path.absolute())})
     if hf_dir is not None:
         meta["source_hf_dir"] = str(hf_dir.absolute())
-        meta["source_config_sha256"] = file_sha256(hf_dir / "config.json")
+        meta["source_config_sha256"] = checkpoint.file_sha256(hf_dir / "config.json")
     elif checkpoint.is_m2d_checkpoint(model_path):
         meta["source_config_sha256"] = checkpoint.load_metadata(model_path).get("source_config_sha256")
     return meta
@@ -66,8 +51,7 @@ def convert(model_path: str | Path, stats_path: str | Path, scoring: str, groupi
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r} (expected one of {', '.join(SCORINGS)})")
     check_methods(grouping, dp_scaling)
-    if not overwrite:
-        _check_outputs(out, hf_out)
+    checkpoint.ensure_new_output(out, hf_out, overwrite=overwrite)
     model_path, stats_path = Path(model_path), Path(stats_path)
     stats = load_stats(stats_path)
     teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
@@ -84,7 +68,8 @@ def convert(model_path: str | Path, stats_path: str | Path, scoring: str, groupi
     student = build_dense_student(teacher, plans, k, progress)
     metadata = {
         "kind": "dense_student", "family": student.config.family, "teacher_family": config.family,
-        **_teacher_source(model_path), "stats": str(stats_path.absolute()), "stats_sha256": file_sha256(stats_path),
+        **_teacher_source(model_path), "stats": str(stats_path.absolute()),
+        "stats_sha256": checkpoint.file_sha256(stats_path),
         "scoring": scoring, "scoring_options": scoring_options, "grouping": grouping, "dp_scaling": dp_scaling,
         "experts_selected": num_selected, "groups": k,
         "layers": {str(layer): {"groups": [list(g) for g in plan.groups], "scales": plan.scales.tolist()}
@@ -107,8 +92,7 @@ def convert_random_ffn(model_path: str | Path, k: int, out: str | Path, hf_out: 
     import m2d_jax
     from m2d_jax import __version__, checkpoint
 
-    if not overwrite:
-        _check_outputs(out, hf_out)
+    checkpoint.ensure_new_output(out, hf_out, overwrite=overwrite)
     model_path = Path(model_path)
     teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
     if not 1 <= k <= teacher.config.num_experts:

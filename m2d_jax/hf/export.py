@@ -113,11 +113,10 @@ def export_model(model: CausalLM, out_dir: str | Path, tokenizer_from: str | Pat
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                  progress: bool = True) -> Path:
     """Write ``model`` as an HF checkpoint directory (config.json, safetensors, tokenizer/generation files)."""
-    from m2d_jax.checkpoint import atomic_directory
+    from m2d_jax.checkpoint import atomic_directory, ensure_new_output
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:  # fail before any work
-        raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
+    ensure_new_output(out_dir, overwrite=overwrite)  # fail before any work
     config = model.config
     adapter = adapter_for(config.family, "model.config")
     if not hasattr(adapter, "config_to_hf"):
@@ -158,8 +157,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, tokenizer
     from m2d_jax import checkpoint
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
+    checkpoint.ensure_new_output(out_dir, overwrite=overwrite)
     if not checkpoint.is_m2d_checkpoint(checkpoint_dir):
         raise CheckpointError(f"{checkpoint_dir}: not an m2d_jax checkpoint (no {checkpoint.RECORD})")
     if tokenizer_from is None:

@@ -2,9 +2,10 @@
 
 from m2d_jax.models.config import ModelConfig
 from m2d_jax.models.decoder import CausalLM, DecodeCache, DecoderLayer
-from m2d_jax.models.moe import ExpertWeights, MoEView, Routing, expert_ffn, expert_outputs
+from m2d_jax.models.moe import ExpertWeights, MoEView, Routing, all_expert_outputs, expert_ffn, expert_outputs
 
-__all__ = ["CausalLM", "DecodeCache", "DecoderLayer", "ExpertWeights", "ModelConfig", "MoEView", "Routing", "expert_ffn", "expert_outputs", "abstract_model",
+__all__ = ["CausalLM", "DecodeCache", "DecoderLayer", "ExpertWeights", "ModelConfig", "MoEView", "Routing",
+           "all_expert_outputs", "expert_ffn", "expert_outputs", "abstract_model",
            "with_config"]
 
 

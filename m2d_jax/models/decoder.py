@@ -107,7 +107,7 @@ class CausalLM(nnx.Module):
         cos, sin = rope_cos_sin(c, position_ids)  # [B, T, rope_dim / 2] float32
         windows = jnp.asarray([c.sliding_window if lt == "sliding_attention" else 0 for lt in c.layer_types],
                               jnp.int32)  # [L]
-        observations = []
+        stack_outputs = []  # per stack: its observations, or its updated cache when decoding
         for i, (stack, (kind, start, num)) in enumerate(zip(self.stacks, c.stacks)):
             graphdef, state = nnx.split(stack)
 
@@ -123,12 +123,12 @@ class CausalLM(nnx.Module):
             if c.remat:
                 body = jax.checkpoint(body, prevent_cse=False)
             stack_cache = None if cache is None else cache.layers[i]
-            x, observation = jax.lax.scan(body, x, (state, windows[start:start + num], stack_cache))
-            observations.append(observation)
+            x, stack_output = jax.lax.scan(body, x, (state, windows[start:start + num], stack_cache))
+            stack_outputs.append(stack_output)
         x = self.final_norm(x)
         if cache is not None:
-            return x, DecodeCache(tuple(observations), key_mask, cache.index + t)
-        return x if observe is None else (x, observations)
+            return x, DecodeCache(tuple(stack_outputs), key_mask, cache.index + t)
+        return x if observe is None else (x, stack_outputs)
 
     def init_cache(self, batch: int, max_len: int) -> DecodeCache:
         """An empty ``DecodeCache`` of ``max_len`` slots (padded prompt + generated tokens) in the compute dtype.

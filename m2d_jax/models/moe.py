@@ -117,9 +117,13 @@ def expert_outputs(strategy: str, x, top_idx, experts: ExpertWeights, act: Calla
     raise ValueError(f"unknown MoE dispatch {strategy!r} (expected auto, capacity, ragged or dense)")
 
 
+def all_expert_outputs(experts: ExpertWeights, act: Callable, x):
+    """Every expert on the same tokens: x [T, d] -> [E, T, d] (dense dispatch, calibration's Gram subsample)."""
+    return expert_ffn(experts, act, jnp.broadcast_to(x, (experts.gate.shape[0],) + x.shape))
+
+
 def _dense_outputs(x, top_idx, experts: ExpertWeights, act):
-    e = experts.gate.shape[0]
-    out = expert_ffn(experts, act, jnp.broadcast_to(x, (e,) + x.shape))  # [E, T, d]
+    out = all_expert_outputs(experts, act, x)  # [E, T, d]
     tokens = jnp.arange(x.shape[0])[:, None]
     return out[top_idx, tokens]  # [T, k, d]
 
