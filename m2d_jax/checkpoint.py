@@ -62,10 +62,30 @@ def ensure_new_output(*outs: str | Path | None, overwrite: bool = False) -> None
             raise FileExistsError(f"{out} already exists; choose a new output path")
 
 
+def is_primary_process() -> bool:
+    """True on the process that writes shared single files (process 0; always True in a single-process run)."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Barrier across all processes of a multi-process run (no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def atomic_directory(out: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Run ``write(tmp_dir)`` and rename ``tmp_dir`` to ``out`` only if it succeeds."""
+    """Run ``write(tmp_dir)`` and rename ``tmp_dir`` to ``out`` only if it succeeds.
+
+    In a multi-process run this is collective: every process calls it with the same ``out``, ``write`` runs on every
+    process with the same ``tmp_dir`` (collective writers such as Orbax coordinate their shards; single files must be
+    written by ``is_primary_process()`` only), and process 0 renames once every process has finished writing.
+    """
     out = Path(out).absolute()
     ensure_new_output(out, overwrite=overwrite)
+    if jax.process_count() > 1:
+        return _atomic_directory_collective(out, write)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -79,20 +99,44 @@ def atomic_directory(out: str | Path, write: Callable[[Path], None], overwrite: 
     return out
 
 
+def _atomic_directory_collective(out: Path, write: Callable[[Path], None]) -> Path:
+    tmp = out.parent / f".{out.name}.tmp-collective"  # the same path on every process
+    if is_primary_process():
+        shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a crashed run
+        tmp.mkdir(parents=True)
+    sync_processes(f"m2d_atomic_start:{out}")
+    try:
+        write(tmp)
+        sync_processes(f"m2d_atomic_written:{out}")
+        if is_primary_process():
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(tmp, out)
+    finally:
+        if is_primary_process() and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    sync_processes(f"m2d_atomic_done:{out}")  # nobody reads ``out`` before it exists
+    return out
+
+
 def _params_tree(model: CausalLM) -> dict:
     return nnx.state(model, nnx.Param).to_pure_dict()
 
 
 def save_model(model: CausalLM, out: str | Path, metadata: dict[str, Any] | None = None,
                overwrite: bool = False) -> Path:
-    """Save ``model`` (params + config + metadata) as an m2d_jax checkpoint directory."""
+    """Save ``model`` (params + config + metadata) as an m2d_jax checkpoint directory.
+
+    Parameters may be sharded over a mesh; in a multi-process run every process calls this (see ``atomic_directory``)
+    and writes its own shards."""
 
     def write(tmp: Path):
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", _params_tree(model))
         checkpointer.wait_until_finished()
-        record = {"format": FORMAT, "config": model.config.to_dict(), "metadata": metadata or {}}
-        (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+        if is_primary_process():
+            record = {"format": FORMAT, "config": model.config.to_dict(), "metadata": metadata or {}}
+            (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
 
     return atomic_directory(out, write, overwrite)
 
@@ -108,7 +152,7 @@ def load_model(path: str | Path, dtype: str | None = None, sharding: Callable | 
     config = config.replace(**config_overrides) if config_overrides else config
     abs_model = abstract_model(config)
     graphdef, abs_state = nnx.split(abs_model)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def target(kp, leaf):
         s = sharding(kp, leaf) if sharding is not None else default
@@ -125,4 +169,5 @@ def load_metadata(path: str | Path) -> dict:
     return read_record(path).get("metadata", {})
 
 
-__all__ = ["atomic_directory", "is_m2d_checkpoint", "load_metadata", "load_model", "read_record", "save_model"]
+__all__ = ["atomic_directory", "is_m2d_checkpoint", "is_primary_process", "load_metadata", "load_model", "read_record",
+           "save_model", "sync_processes"]

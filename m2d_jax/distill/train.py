@@ -371,13 +371,14 @@ def run(config: ConfigDict, devices=None) -> dict[str, Any]:
 
 def save_student(config: ConfigDict, student_config: ModelConfig, params: dict, step: int) -> Path:
     """The trained student as an ordinary m2d_jax checkpoint (``config.student_out``, default WORKDIR/student):
-    loadable by ``from_pretrained``, exportable to HF with ``m2d export`` (provenance kept for the tokenizer)."""
+    loadable by ``from_pretrained``, exportable to HF with ``m2d export`` (provenance kept for the tokenizer).
+    ``params`` stay sharded as trained: every process writes its own shards (collective in a multi-process run)."""
     from m2d_jax import checkpoint
     from m2d_jax.models import abstract_model
 
     out = Path(config.student_out or Path(config.workdir) / "student")
     graphdef, abs_state = nnx.split(abstract_model(student_config.replace(remat=False)))
-    nnx.replace_by_pure_dict(abs_state, jax.device_get(params))
+    nnx.replace_by_pure_dict(abs_state, params)
     metadata = {"kind": "distilled", "source": str(Path(config.student.path).absolute()),
                 "teacher": str(Path(config.teacher.path).absolute()) if config.teacher.path else None,
                 "objective": config.objective, "steps": step,
