@@ -6,6 +6,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from m2d_jax.data import EMBEDDED_CORPUS, read_documents, train_bpe_tokenizer  # noqa: E402
 from m2d_jax.hf.oracle import make_hf_checkpoint  # noqa: E402
 
 # Tiny random checkpoints, built with transformers at test time. The name says what each varies.
@@ -69,3 +70,18 @@ def hf_checkpoint(tmp_path_factory):
         return cache[name]
 
     return build
+
+
+def corpus_documents(count: int, max_chars: int | None = None) -> list[str]:
+    """The first ``count`` documents of the embedded real-text corpus, each cut to ``max_chars``."""
+    docs = read_documents([EMBEDDED_CORPUS])[:count]
+    return docs if max_chars is None else [d[:max_chars] for d in docs]
+
+
+def make_checkpoint_with_tokenizer(hf_config: dict, out, *, seed: int, tokenizer_vocab: int, docs: list[str],
+                                   init_std: float = 0.1):
+    """A tiny random HF checkpoint (built with transformers) saved together with a byte-level BPE tokenizer trained
+    on ``docs`` (loadable by transformers.AutoTokenizer and m2d_jax.data). Returns ``out``."""
+    make_hf_checkpoint(hf_config, out, seed=seed, init_std=init_std)
+    train_bpe_tokenizer(docs, tokenizer_vocab, out)
+    return out

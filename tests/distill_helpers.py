@@ -7,8 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
+from conftest import corpus_documents
+
 from m2d_jax.config_utils import load_config
-from m2d_jax.data import EMBEDDED_CORPUS, read_documents, train_bpe_tokenizer
+from m2d_jax.data import train_bpe_tokenizer
 from m2d_jax.hf.oracle import make_hf_checkpoint
 
 VOCAB = 320  # byte-level BPE needs > 256
@@ -25,7 +27,7 @@ def build_models(root: Path) -> dict[str, Path]:
     a jsonl of the real-text documents the tokenizer was trained on."""
     root = Path(root)
     tok_dir = root / "tokenizer"
-    docs = read_documents([EMBEDDED_CORPUS])[:60]
+    docs = corpus_documents(60)
     train_bpe_tokenizer(docs, VOCAB, tok_dir)
     data = root / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import ALL_CONFIGS
-
-from m2d_jax.data import EMBEDDED_CORPUS, read_documents, train_bpe_tokenizer
-from m2d_jax.hf.oracle import make_hf_checkpoint
+from conftest import ALL_CONFIGS, corpus_documents, make_checkpoint_with_tokenizer
 
 DATA = Path(__file__).parent / "data"
 TOKENIZER_VOCAB = 320  # byte-level BPE: 256 bytes + EOS + merges
@@ -19,9 +16,8 @@ def checkpoint_with_tokenizer(name: str, out: Path, **changes) -> Path:
     corpus, saved together with that tokenizer (loadable by transformers.AutoTokenizer and m2d_jax.data)."""
     config = dict(ALL_CONFIGS[name], vocab_size=MODEL_VOCAB, eos_token_id=0, bos_token_id=None, pad_token_id=None,
                   **changes)
-    make_hf_checkpoint(config, out, seed=7, init_std=0.1)
-    train_bpe_tokenizer(read_documents([EMBEDDED_CORPUS])[:200], TOKENIZER_VOCAB, out)
-    return out
+    return make_checkpoint_with_tokenizer(config, out, seed=7, tokenizer_vocab=TOKENIZER_VOCAB,
+                                          docs=corpus_documents(200))
 
 
 def _data_block(file: str) -> str:

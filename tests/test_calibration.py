@@ -1,7 +1,6 @@
 """Calibration statistics: equal to sums built from transformers' own forward; streaming / sharding / padding
 invariance; the end-to-end stage (tokenizer -> grain -> stats file) and its CLI; bad statistics files."""
 
-import gzip
 import json
 
 import numpy as np
@@ -10,10 +9,9 @@ import pytest
 import m2d_jax
 from m2d_jax.calibration import (CalibrationStats, StatSums, StatsError, accumulate, batch_sums, calibrate,
                                  combine_stats, config_hash, gram_positions, gram_slots, load_stats, save_stats)
-from m2d_jax.data import EMBEDDED_CORPUS, train_bpe_tokenizer
 from m2d_jax.hf.oracle import load_reference, make_hf_checkpoint, padded_batch
 
-from conftest import QWEN3_MOE_CONFIGS
+from conftest import QWEN3_MOE_CONFIGS, corpus_documents, make_checkpoint_with_tokenizer
 
 RTOL = 2e-5  # float32 forward (both sides) and float32 per-batch sums vs float64 references
 
@@ -157,10 +155,8 @@ def calib_checkpoint(tmp_path_factory):
     """A tiny Qwen3-MoE whose vocab fits a byte-level BPE trained on the embedded corpus, plus a small data file."""
     root = tmp_path_factory.mktemp("calib")
     config = dict(QWEN3_MOE_CONFIGS["moe_gqa_norm_mlponly"], vocab_size=320)
-    path = make_hf_checkpoint(config, root / "model", seed=5, init_std=0.1)
-    with gzip.open(EMBEDDED_CORPUS, "rt") as f:
-        docs = [json.loads(line)["text"][:4000] for line, _ in zip(f, range(6))]
-    train_bpe_tokenizer(docs, 320, path)
+    docs = corpus_documents(6, max_chars=4000)
+    path = make_checkpoint_with_tokenizer(config, root / "model", seed=5, tokenizer_vocab=320, docs=docs)
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path, data

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import m2d_jax
+from conftest import corpus_documents, make_checkpoint_with_tokenizer
 from convert_helpers import IDENTITY_TEACHERS
 from m2d_jax import checkpoint
 from m2d_jax.cli import main as m2d_main
@@ -30,11 +31,8 @@ def _params(model):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    from m2d_jax.data import EMBEDDED_CORPUS, read_documents, train_bpe_tokenizer
-
-    out = make_hf_checkpoint(TEACHER, tmp_path_factory.mktemp("teacher") / "qwen3_moe", seed=7, init_std=0.1)
-    train_bpe_tokenizer(read_documents([EMBEDDED_CORPUS])[:200], 300, out)
-    return out
+    return make_checkpoint_with_tokenizer(TEACHER, tmp_path_factory.mktemp("teacher") / "qwen3_moe", seed=7,
+                                          tokenizer_vocab=300, docs=corpus_documents(200))
 
 
 @pytest.fixture(scope="module")
