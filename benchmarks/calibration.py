@@ -1,7 +1,8 @@
 """Calibration pass throughput: m2d_jax's observed jitted forward vs transformers + forward hooks, same statistics.
 
-    python benchmarks/calibration.py           # d=256, 4 MoE layers, 64 experts top-8, 4 x (4 x 512) tokens
-    python benchmarks/calibration.py --quick   # a small smoke run
+    python benchmarks/calibration.py             # d=256, 4 MoE layers, 64 experts top-8, 4 x (4 x 512) tokens
+    python benchmarks/calibration.py --batch 16  # the same 16 sequences as one batch of 16 x 512
+    python benchmarks/calibration.py --quick     # a small smoke run
 
 Both sides compute every SPEC §2 statistic (counts, probability / weight / norm sums, router-logit moments, and the
 all-experts Gram / mean output / norms on the same Gram subsample) on the same batches, float32 model, float64
@@ -103,6 +104,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4, help="sequences per batch (of 16 sequences of 512 tokens)")
     args = parser.parse_args()
     import torch
 
@@ -111,7 +113,9 @@ def main():
     from m2d_jax.hf.oracle import load_reference, make_hf_checkpoint
 
     cfg = QUICK if args.quick else FULL
-    batch, seq, num_batches, chunk = (2, 64, 3, 32) if args.quick else (4, 512, 4, 256)
+    if not args.quick and 16 % args.batch:
+        parser.error("--batch must divide the 16 sequences")
+    batch, seq, num_batches, chunk = (2, 64, 3, 32) if args.quick else (args.batch, 512, 16 // args.batch, 256)
     # Gram tokens per batch: 1/32 of the tokens (SPEC default 32768 of 512 x 2048) and a Gram-heavy 1/4
     gram_fractions = (batch * seq // 32, batch * seq // 4)
     thread_counts = sorted({1, os.cpu_count() or 1})
