@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -39,11 +40,18 @@ def run_two_processes(models, workdir: Path, **changes) -> list[dict]:
     job.write_text(json.dumps({"models": {k: str(v) for k, v in models.items()}, "workdir": str(workdir),
                                "changes": {**MESH, **changes}}))
     port = free_port()
+    logs = [workdir.parent / f"{workdir.name}.process-{i}.log" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", str(port), str(job)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{outputs[i][-4000:]}"
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+    deadline = time.monotonic() + 600
+    while any(p.poll() is None for p in procs):  # a failed process leaves the other waiting at a collective
+        if any(p.returncode for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            break
+        time.sleep(0.5)
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.wait() == 0, f"process {i} failed:\n{log.read_text()[-4000:]}"
     return [json.loads(Path(f"{job}.result-{i}.json").read_text()) for i in range(2)]
 
 
