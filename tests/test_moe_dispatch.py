@@ -71,6 +71,34 @@ def test_dispatch_equals_numpy_reference(strategy, case):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("block_size, blocks_per_step", [(4, 3), (5, 1), (16, 7)])
+def test_blocks_dispatch_over_many_steps(case, block_size, blocks_per_step):
+    """Small blocks: many steps, a partly filled last real step, steps skipped past the last block, experts split
+    over several blocks (and several steps) -- forward and gradients."""
+    rng = np.random.default_rng(4)
+    t, e, k, d, m = 37, 8, 3, 16, 12
+    x = jnp.asarray(rng.normal(size=(t, d)).astype(np.float32))
+    top_idx = jnp.asarray(CASES[case](rng, t, e, k))
+    experts = _experts(rng, e, d, m)
+    counts = np.bincount(np.asarray(top_idx).ravel(), minlength=e)
+    real_blocks = int(np.sum(-(-counts // block_size)))
+    max_blocks = -(-t * k // block_size) + e  # what the static loop is sized for
+    assert counts.max() > block_size and -(-real_blocks // blocks_per_step) < -(-max_blocks // blocks_per_step)
+
+    def run(strategy, x, experts):
+        return expert_outputs(strategy, x, top_idx, experts, ACT, block_size=block_size,
+                              blocks_per_step=blocks_per_step)
+
+    got = jax.jit(lambda x: run("blocks", x, experts))(x)
+    np.testing.assert_allclose(np.asarray(got), _numpy_reference(x, top_idx, experts), rtol=1e-5, atol=1e-4)
+    weights = jnp.asarray(rng.normal(size=(t, k, d)).astype(np.float32))
+    grads = [jax.grad(lambda x, ex, s=s: jnp.sum(run(s, x, ex) * weights), argnums=(0, 1))(x, experts)
+             for s in ("blocks", "dense")]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_dispatch_with_biases_and_clamped_swiglu(strategy):
     """GPT-OSS experts: biases on gate/up/down and the clamped (up + 1) * gate * sigmoid(1.702 gate) unit."""
