@@ -179,7 +179,8 @@ def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
         xc, mc = xs  # [chunk, d], [chunk]
         f = jnp.where(mc[None, :, None] > 0, all_expert_outputs(experts, act, xc).astype(jnp.float32),
                       0.0)  # [E, chunk, d]
-        gram = gram + jnp.einsum("ecd,fcd->ef", f, f, precision=hi)
+        flat = f.reshape(f.shape[0], -1)  # [E, chunk * d]: one plain GEMM (a 3-D contraction is transposed first)
+        gram = gram + jnp.matmul(flat, flat.T, precision=hi)
         return (gram, out_sum + f.sum(1), out_norm + jnp.linalg.norm(f, axis=-1).sum(1)), None
 
     d = view.x.shape[-1]
