@@ -55,15 +55,18 @@ CASES = {
 }
 
 
+def _case_inputs(case: str, rng, t=37, e=8, k=3, d=16, m=12):
+    """x [t, d], top_idx [t, k] routed as ``CASES[case]``, experts, and the per-expert assignment counts [e]."""
+    x = jnp.asarray(rng.normal(size=(t, d)).astype(np.float32))
+    top_idx = jnp.asarray(CASES[case](rng, t, e, k))
+    return x, top_idx, _experts(rng, e, d, m), np.bincount(np.asarray(top_idx).ravel(), minlength=e)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_dispatch_equals_numpy_reference(strategy, case):
-    rng = np.random.default_rng(0)
-    t, e, k, d, m = 37, 8, 3, 16, 12
-    x = jnp.asarray(rng.normal(size=(t, d)).astype(np.float32))
-    top_idx = jnp.asarray(CASES[case](rng, t, e, k))
-    experts = _experts(rng, e, d, m)
-    counts = np.bincount(np.asarray(top_idx).ravel(), minlength=e)
+    t, e, k = 37, 8, 3
+    x, top_idx, experts, counts = _case_inputs(case, np.random.default_rng(0), t, e, k)
     if case != "balanced":
         assert (counts == 0).any() and counts.max() > capacity(t, k, e, 1.25)  # the case really tests both
     want = _numpy_reference(x, top_idx, experts)
@@ -77,11 +80,8 @@ def test_blocks_dispatch_over_many_steps(case, block_size, blocks_per_step):
     """Small blocks: many steps, a partly filled last real step, steps skipped past the last block, experts split
     over several blocks (and several steps) -- forward and gradients."""
     rng = np.random.default_rng(4)
-    t, e, k, d, m = 37, 8, 3, 16, 12
-    x = jnp.asarray(rng.normal(size=(t, d)).astype(np.float32))
-    top_idx = jnp.asarray(CASES[case](rng, t, e, k))
-    experts = _experts(rng, e, d, m)
-    counts = np.bincount(np.asarray(top_idx).ravel(), minlength=e)
+    t, e, k, d = 37, 8, 3, 16
+    x, top_idx, experts, counts = _case_inputs(case, rng, t, e, k, d)
     real_blocks = int(np.sum(-(-counts // block_size)))
     max_blocks = -(-t * k // block_size) + e  # what the static loop is sized for
     assert counts.max() > block_size and -(-real_blocks // blocks_per_step) < -(-max_blocks // blocks_per_step)
