@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2d_jax.errors import StatsError
 from m2d_jax.models import all_expert_outputs
 
 logger = logging.getLogger(__name__)
@@ -105,10 +106,6 @@ def expected_shapes(num_layers: int, num_experts: int, hidden_size: int) -> dict
     return shapes
 
 
-class StatsError(ValueError):
-    """A statistics file that is missing, malformed, non-finite, or from a different model."""
-
-
 @dataclasses.dataclass(frozen=True)
 class CalibrationStats:
     sums: StatSums  # float64 NumPy arrays
@@ -149,10 +146,6 @@ def config_hash(config) -> str:
             if d[f.name] == at_default:
                 d.pop(f.name)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
-
-
-def moe_layer_indices(config) -> list[int]:
-    return [first + i for kind, first, num in config.stacks if kind == "moe" for i in range(num)]
 
 
 # ---- the observed forward ------------------------------------------------------------------------------------
@@ -282,7 +275,7 @@ def accumulate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray
     ``progress`` (a tqdm bar or None) is advanced by the valid tokens of each batch.
     """
     c = model.config
-    total = StatSums.zeros(len(moe_layer_indices(c)), c.num_experts, c.hidden_size)
+    total = StatSums.zeros(len(c.moe_layers), c.num_experts, c.hidden_size)
     pending = None  # the previous batch's device result: fetched after the next batch is dispatched
 
     def fetch(result, tokens):
@@ -372,7 +365,7 @@ def calibrate(model_path: str | Path, data_files: Sequence[str | Path], seq_len:
         format=FORMAT, m2d_jax_version=m2d_jax.__version__, model_path=str(Path(model_path).absolute()),
         config_hash=config_hash(config), family=config.family, num_experts=config.num_experts,
         top_k=config.num_experts_per_tok, norm_topk_prob=config.norm_topk_prob, hidden_size=config.hidden_size,
-        moe_layers=moe_layer_indices(config), data_files=[str(Path(f).absolute()) for f in data_files],
+        moe_layers=list(config.moe_layers), data_files=[str(Path(f).absolute()) for f in data_files],
         seq_len=seq_len, num_seqs=num_seqs, seed=seed, gram_tokens_requested=gram_tokens,
         tokens_seen=int(sums.tokens[0]), gram_tokens_seen=int(sums.gram_tokens[0]), batch_size=batch_size,
         shards=[shard_index], shard_count=shard_count, seconds=seconds)

@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from m2d_jax.hf.safetensors_io import CheckpointError
+from m2d_jax.errors import CheckpointError
 from m2d_jax.models import CausalLM, ModelConfig, abstract_model
 
 FORMAT = "m2d_jax.model/1"

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from m2d_jax.hf.safetensors_io import CheckpointError
+    from m2d_jax.errors import CheckpointError
 
     try:
         return args.func(args)

@@ -65,7 +65,7 @@ def plan_conversion(teacher: CausalLM, selected, weight_scores, k: int, grouping
     """
     config = teacher.config
     rule = student_rule(config.family)
-    moe_layers = [i for i, kind in enumerate(config.ffn_kinds) if kind == "moe"]
+    moe_layers = config.moe_layers
     selected = np.asarray(selected)
     weight_scores = np.asarray(weight_scores, np.float64)
     if selected.ndim != 2 or selected.shape[0] != len(moe_layers):

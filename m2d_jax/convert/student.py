@@ -238,7 +238,7 @@ def build_dense_student(teacher: CausalLM, plans: dict[int, LayerPlan], k: int, 
     """The dense student of ``teacher``: ``plans[layer]`` (for every MoE layer) gives its k groups and scales."""
     config = teacher.config
     rule = student_rule(config.family)
-    moe_layers = [i for i, kind in enumerate(config.ffn_kinds) if kind == "moe"]
+    moe_layers = config.moe_layers
     missing = [i for i in moe_layers if i not in plans]
     if missing:
         raise ValueError(f"no conversion plan for MoE layer(s) {missing}")

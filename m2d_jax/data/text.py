@@ -8,13 +8,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from m2d_jax.errors import DataError
+
 EMBEDDED_CORPUS = Path(__file__).parent / "corpus" / "python_docs.jsonl.gz"
 _FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """Data files that are missing, unreadable, empty, or in an unknown format."""
 
 
 def _format_of(path: Path) -> str:

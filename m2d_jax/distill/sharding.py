@@ -17,6 +17,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from m2d_jax.errors import MeshError
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp")
 
@@ -34,10 +36,6 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "q_lora": None,  # DeepSeek MLA low-rank latents: small, replicated
     "kv_lora": None,
 }
-
-
-class MeshError(ValueError):
-    """A mesh or batch layout that cannot be realised on the available devices."""
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:

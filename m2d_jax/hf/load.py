@@ -89,12 +89,11 @@ def _leaf_shapes(placement: _Placement, abs_leaves: dict) -> list[tuple[int, ...
 
 def _detect_expert_layout(ckpt: SafetensorsCheckpoint, model_config: ModelConfig, adapter) -> str:
     layouts = getattr(adapter, "expert_layouts", ("per_expert",))
-    moe_stacks = [(start, num) for kind, start, num in model_config.stacks if kind == "moe"]
-    if not moe_stacks:
+    if not model_config.moe_layers:
         return layouts[0]
     for layout in layouts:
         probe = next(r for r in adapter.layer_rules(model_config, "moe", layout) if ".experts." in r.hf)
-        if probe.hf.format(layer=moe_stacks[0][0], expert=0) in ckpt:
+        if probe.hf.format(layer=model_config.moe_layers[0], expert=0) in ckpt:
             return layout
     return layouts[0]  # let the missing-key error name the expected key
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from m2d_jax.errors import CheckpointError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -26,10 +28,6 @@ DTYPES = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk is missing, malformed or does not match its config."""
 
 
 class SafetensorsFile:

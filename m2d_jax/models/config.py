@@ -130,6 +130,11 @@ class ModelConfig:
         return "moe" in self.ffn_kinds
 
     @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Global indices of the MoE layers, in order (row i of calibration statistics is layer moe_layers[i])."""
+        return tuple(i for i, kind in enumerate(self.ffn_kinds) if kind == "moe")
+
+    @property
     def rope_dim(self) -> int:
         """Number of rotated dimensions per head (MLA rotates only its qk_rope part)."""
         return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim

@@ -12,7 +12,7 @@ from m2d_jax.hf.adapters.deepseek_v2 import DeepseekV2Adapter
 from m2d_jax.hf.adapters.gpt_oss import GptOssAdapter
 from m2d_jax.hf.adapters.olmoe import OlmoeMixtralAdapter
 from m2d_jax.hf.adapters.qwen3 import Qwen3Adapter
-from m2d_jax.hf.safetensors_io import CheckpointError
+from m2d_jax.errors import CheckpointError
 
 ADAPTERS = {t: a for a in (Qwen3Adapter(), DeepseekV2Adapter(), GptOssAdapter(), OlmoeMixtralAdapter())
             for t in a.model_types}

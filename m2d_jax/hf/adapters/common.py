@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from m2d_jax.hf.keymap import Flat, FusedGateUp, Linear, Rule, StackedLinear, rule
-from m2d_jax.hf.safetensors_io import CheckpointError
+from m2d_jax.errors import CheckpointError
 from m2d_jax.models.config import ModelConfig
 from m2d_jax.models.rope import SUPPORTED_ROPE_TYPES
 
