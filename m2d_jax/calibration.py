@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -65,9 +64,6 @@ from m2d_jax.models import all_expert_outputs
 logger = logging.getLogger(__name__)
 
 FORMAT = "m2d_jax.calibration/1"
-# ModelConfig fields that change how the model runs, not what it computes: excluded from the config hash.
-RUNTIME_FIELDS = frozenset({"dtype", "compute_dtype", "moe_dispatch", "capacity_factor", "moe_block_size",
-                            "moe_blocks_per_step", "remat"})
 
 
 class StatSums(NamedTuple):
@@ -132,20 +128,8 @@ class CalibrationStats:
 
 
 def config_hash(config) -> str:
-    """sha256 of the structural ModelConfig fields. Runtime fields (dtype, dispatch...) are excluded, and so are
-    fields at their default value, so a field added to ModelConfig later does not invalidate existing statistics."""
-    d = config.to_dict()
-    for f in dataclasses.fields(config):
-        if f.name in RUNTIME_FIELDS:
-            d.pop(f.name)
-        elif f.default is not dataclasses.MISSING:
-            try:
-                at_default = config.replace(**{f.name: f.default}).to_dict()[f.name]
-            except ValueError:  # the default is invalid for this config: it cannot be the current value either
-                continue
-            if d[f.name] == at_default:
-                d.pop(f.name)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+    """The model structure's fingerprint that statistics record (``ModelConfig.structure_hash``)."""
+    return config.structure_hash()
 
 
 # ---- the observed forward ------------------------------------------------------------------------------------

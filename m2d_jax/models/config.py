@@ -9,6 +9,7 @@ hashable because it is static structure under ``jax.jit``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -25,6 +26,9 @@ ACTIVATIONS = ("silu", "clamped_swiglu")
 DISPATCHES = ("auto", "capacity", "blocks", "ragged", "dense")
 QK_NORMS = ("none", "head", "full")  # full: RMSNorm over the whole q / k projection (OLMoE)
 DTYPES = ("float32", "bfloat16")
+# fields that change how the model runs, not what it computes: excluded from ``structure_hash``
+RUNTIME_FIELDS = frozenset({"dtype", "compute_dtype", "moe_dispatch", "capacity_factor", "moe_block_size",
+                            "moe_blocks_per_step", "remat"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +163,23 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def structure_hash(self) -> str:
+        """sha256 of the structural fields (what the model computes). Runtime fields (dtype, dispatch...) are
+        excluded, and so are fields at their default value, so a field added later does not change the hash of
+        existing models (calibration statistics record it to check they belong to a model)."""
+        d = self.to_dict()
+        for f in dataclasses.fields(self):
+            if f.name in RUNTIME_FIELDS:
+                d.pop(f.name)
+            elif f.default is not dataclasses.MISSING:
+                try:
+                    at_default = self.replace(**{f.name: f.default}).to_dict()[f.name]
+                except ValueError:  # the default is invalid for this config: it cannot be the current value either
+                    continue
+                if d[f.name] == at_default:
+                    d.pop(f.name)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     # ---- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
