@@ -58,8 +58,8 @@ def outside_references(path: Path, root: Path = ROOT) -> list[str]:
 def test_outside_references_are_detected(tmp_path):
     """The check itself: each pattern is found, with its file and line, and a clean line is not reported."""
     probe = tmp_path / "probe.md"
-    probe.write_text("\n".join(["clean line, see docs/METHOD.md §4"] + [f"cites {ref} here" for ref in
-                                                                        OUTSIDE_REFERENCES]) + "\n")
+    lines = ["clean line, see docs/METHOD.md §4"] + [f"cites {ref} here" for ref in OUTSIDE_REFERENCES]
+    probe.write_text("\n".join(lines) + "\n", encoding="utf-8")
     hits = outside_references(probe, tmp_path)
     assert [hit.split(":")[1] for hit in hits] == [str(n) for n in range(2, len(OUTSIDE_REFERENCES) + 2)]
     assert all(hit.startswith("probe.md:") for hit in hits)
