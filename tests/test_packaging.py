@@ -1,0 +1,125 @@
+"""The package works when installed, not only from its checkout: the wheel ships the configs, a fresh venv with only
+that wheel runs the CLI, and an editable install maps the checkout's configs/ into the package."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from m2d_jax.cli import main
+from m2d_jax.config_utils import load_config
+from m2d_jax.hf.oracle import make_hf_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "m2d_jax", "configs")  # what the build reads
+SHIPPED_CONFIGS = ("demo", "distill/base")
+CONFIG_FILES = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.py"))
+TINY_MOE = dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, moe_intermediate_size=16, num_experts=4,
+                num_experts_per_tok=2, max_position_embeddings=64)
+# prints where m2d_jax and its configs come from, and the shipped configs as JSON
+PROBE = f"""
+import importlib.resources, json, m2d_jax
+from m2d_jax.config_utils import config_dir, load_config
+print(json.dumps(dict(module=m2d_jax.__file__, config_dir=str(config_dir()),
+                      package_configs=str(importlib.resources.files("m2d_jax.configs")),
+                      configs={{n: load_config(n).to_dict() for n in {SHIPPED_CONFIGS!r}}}), default=str))
+"""
+
+
+def _run(args, cwd, env=None):
+    result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _clean_env():
+    """No PYTHONPATH (it would put this checkout's m2d_jax first), no site-packages of the user."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}, "PYTHONNOUSERSITE": "1"}
+
+
+def _source_copy(dst: Path) -> Path:
+    """The checkout's build inputs, copied so that building writes nothing (build/, *.egg-info) into the checkout."""
+    dst.mkdir()
+    for name in BUILD_INPUTS:
+        src = REPO / name
+        if not src.exists():
+            continue
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dst / name)
+    return dst
+
+
+def _venv(path: Path) -> Path:
+    """A fresh venv that sees the machine's packages (jax, transformers, pip) but installs into itself."""
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", path], cwd=path.parent)
+    return path / "bin" / "python"
+
+
+def _probe(python: Path, cwd: Path) -> dict:
+    return json.loads(_run([python, "-c", PROBE], cwd=cwd, env=_clean_env()).stdout.strip().splitlines()[-1])
+
+
+def _expected_configs() -> dict:
+    return json.loads(json.dumps({n: load_config(n).to_dict() for n in SHIPPED_CONFIGS}, default=str))
+
+
+@pytest.mark.slow
+def test_wheel_install_in_a_fresh_venv_runs_on_its_own(tmp_path, capsys):
+    src = _source_copy(tmp_path / "src")
+    dist = tmp_path / "dist"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, src],
+         cwd=tmp_path, env=_clean_env())
+    (wheel,) = dist.glob("m2d_jax-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"m2d_jax/configs/{name}" for name in CONFIG_FILES} <= names
+    assert "m2d_jax/data/corpus/python_docs.jsonl.gz" in names
+
+    venv = tmp_path / "venv"
+    python = _venv(venv)
+    _run([python, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", wheel], cwd=tmp_path,
+         env=_clean_env())
+    work = tmp_path / "elsewhere"  # not the checkout: nothing on sys.path but the venv and the machine's packages
+    work.mkdir()
+    probe = _probe(python, work)
+    site = venv.resolve()
+    assert Path(probe["module"]).resolve().is_relative_to(site), probe["module"]  # the wheel, not the editable
+    assert Path(probe["config_dir"]).resolve() == Path(probe["package_configs"]).resolve()
+    assert Path(probe["config_dir"]).resolve().is_relative_to(site)
+    assert probe["configs"] == _expected_configs()
+
+    m2d = venv / "bin" / "m2d"
+    usage = _run([m2d, "--help"], cwd=work, env=_clean_env()).stdout
+    assert all(command in usage for command in ("demo", "distill", "info", "convert"))
+    hf_dir = make_hf_checkpoint(TINY_MOE, tmp_path / "tiny_moe")
+    info = json.loads(_run([m2d, "info", hf_dir, "--json"], cwd=work, env=_clean_env()).stdout)
+    assert main(["info", str(hf_dir), "--json"]) == 0
+    assert info == json.loads(capsys.readouterr().out)  # the installed CLI says what the checkout's says
+    assert (info["experts"], info["top_k"]) == (TINY_MOE["num_experts"], TINY_MOE["num_experts_per_tok"])
+    # m2d distill reads the shipped distill/base schema, then rejects the missing student in one line
+    distill = subprocess.run([m2d, "distill", "--config", "configs/distill/base.py"], cwd=work, env=_clean_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert distill.returncode == 2 and distill.stderr.strip().splitlines() == [
+        "m2d distill: error: config field student.path: required (or --student PATH)"], distill.stderr
+
+
+@pytest.mark.slow
+def test_editable_install_maps_the_checkout_configs_into_the_package(tmp_path):
+    src = _source_copy(tmp_path / "src")
+    python = _venv(tmp_path / "venv")
+    _run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "-e", src], cwd=tmp_path,
+         env=_clean_env())
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    probe = _probe(python, work)
+    assert Path(probe["module"]).resolve() == (src / "m2d_jax" / "__init__.py").resolve()
+    assert Path(probe["package_configs"]).resolve() == (src / "configs").resolve()
+    assert Path(probe["config_dir"]).resolve() == (src / "configs").resolve()
+    assert probe["configs"] == _expected_configs()
