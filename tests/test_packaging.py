@@ -1,15 +1,22 @@
 """The package works when installed, not only from its checkout: the wheel ships the configs, a fresh venv with only
-that wheel runs the CLI, and an editable install maps the checkout's configs/ into the package."""
+that wheel runs the CLI, and an editable install maps the checkout's configs/ into the package. CI installs what the
+README says, pinned by constraints.txt."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from m2d_jax.cli import main
 from m2d_jax.config_utils import load_config
@@ -123,3 +130,50 @@ def test_editable_install_maps_the_checkout_configs_into_the_package(tmp_path):
     assert Path(probe["package_configs"]).resolve() == (src / "configs").resolve()
     assert Path(probe["config_dir"]).resolve() == (src / "configs").resolve()
     assert probe["configs"] == _expected_configs()
+
+
+def _readme_commands() -> list[str]:
+    """The two newcomer commands: the first lines of the README's first code block, without their comments."""
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.strip().splitlines()[:2]]
+
+
+def test_ci_runs_exactly_the_readme_install_and_test_commands():
+    (install, demo), (install_again, tests) = (cmd.split(" && ") for cmd in _readme_commands())
+    assert install == install_again and demo == "m2d demo" and "-c constraints.txt" in install
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
+    assert ci == [install, tests]
+
+
+def _installed_requirements(requirements: list[str]) -> dict[str, str]:
+    """Installed versions of everything ``requirements`` bring in (transitively), by canonical name."""
+    found, done = {}, set()
+    todo = [(Requirement(r), {""}) for r in requirements]  # (requirement, extras of the package that requires it)
+    while todo:
+        requirement, parent_extras = todo.pop()
+        if requirement.marker is not None and not any(requirement.marker.evaluate({"extra": e}) for e in parent_extras):
+            continue
+        key = (canonicalize_name(requirement.name), frozenset(requirement.extras))
+        if key in done:
+            continue
+        done.add(key)
+        dist = metadata.distribution(requirement.name)
+        found[key[0]] = dist.version
+        todo.extend((Requirement(r), set(requirement.extras) or {""}) for r in dist.requires or [])
+    return found
+
+
+def test_constraints_pin_every_installed_dependency_at_its_tested_version():
+    """constraints.txt pins every package the README's install brings in, and this environment is the pinned one
+    (a dependency added to pyproject.toml without a pin, or a drifted install, fails here)."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    installed = _installed_requirements(project["dependencies"] + project["optional-dependencies"]["test"])
+    assert sorted(set(installed) - set(pins)) == []
+    assert {n: v for n, v in installed.items() if Version(v).public != Version(pins[n]).public} == {}
+    assert pins["torch"] == "2.13.0"
