@@ -1,23 +1,40 @@
-"""ml-collections configs from ``configs/``, with ``--config.a.b=value`` command-line overrides."""
+"""ml-collections configs shipped with the package, with ``--config.a.b=value`` command-line overrides.
+
+The configs live in the repository's top-level ``configs/`` directory; the build maps it into the package as
+``m2d_jax.configs`` (``setup.py``), so a wheel ships them and an editable install maps them.
+"""
 
 from __future__ import annotations
 
 import ast
+import importlib.resources
 import importlib.util
 from pathlib import Path
 
 from ml_collections import ConfigDict
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+_CHECKOUT = Path(__file__).resolve().parents[1]  # the repository root when m2d_jax is imported from a checkout
+
+
+def config_dir() -> Path:
+    """The directory of the shipped configs: a source checkout's own ``configs/`` when m2d_jax is imported from one
+    (so a checkout run from its own directory never reads another install's configs), else the installed package
+    ``m2d_jax.configs``."""
+    if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "configs" / "__init__.py").is_file():
+        return _CHECKOUT / "configs"
+    return Path(str(importlib.resources.files("m2d_jax.configs")))
 
 
 def load_config(name_or_path: str | Path) -> ConfigDict:
-    """Load ``get_config()`` from a config file: a path, or a name relative to ``configs/`` (``.py`` optional)."""
+    """Load ``get_config()`` from a config file: a path, or a shipped config's name (``demo``, ``distill/base``;
+    ``.py`` and a leading ``configs/`` optional, so ``configs/distill/base.py`` works from any directory)."""
     path = Path(name_or_path)
     if not path.exists():
-        path = CONFIG_DIR / (str(name_or_path) + ("" if str(name_or_path).endswith(".py") else ".py"))
-    if not path.exists():
-        raise FileNotFoundError(f"config {name_or_path!r} not found (looked for it as a path and in {CONFIG_DIR})")
+        name = path.relative_to("configs") if path.parts[:1] == ("configs",) else path
+        path = config_dir() / (name if name.suffix == ".py" else name.with_name(name.name + ".py"))
+    if not path.is_file():
+        raise FileNotFoundError(f"config {str(name_or_path)!r} not found (looked for it as a path and in "
+                                f"{config_dir()})")
     spec = importlib.util.spec_from_file_location(f"m2d_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

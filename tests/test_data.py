@@ -42,6 +42,17 @@ def test_read_text_jsonl_parquet_agree(corpus, tmp_path):
     assert len(read_documents([EMBEDDED_CORPUS])) == len(corpus)
 
 
+def test_file_without_extension_is_plain_text(corpus, tmp_path):
+    """A licence file or README without an extension is read as text, like the same bytes named .txt."""
+    (tmp_path / "LICENSE").write_text(corpus[1])
+    (tmp_path / "same.txt").write_text(corpus[1])
+    with gzip.open(tmp_path / "README.gz", "wt") as f:
+        f.write(corpus[2])
+    assert read_documents([tmp_path / "LICENSE"]) == read_documents([tmp_path / "same.txt"])
+    assert read_documents([tmp_path / "LICENSE"])[0].strip() == corpus[1].strip()
+    assert read_documents([tmp_path / "README.gz"])[0].strip() == corpus[2].strip()
+
+
 def test_tokenizer_matches_transformers(tokenizer, corpus):
     import transformers
 
@@ -97,8 +108,11 @@ def test_bad_data_is_a_clear_error(tmp_path, tokenizer):
     with pytest.raises(DataError, match="bad.jsonl: cannot read as json"):
         read_documents([tmp_path / "bad.jsonl"])
     (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="unknown data format"):
+    with pytest.raises(DataError) as err:
         read_documents([tmp_path / "x.csv"])
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'x.csv'}: unknown data format '.csv'")
+    assert all(ext in message for ext in (".txt", ".jsonl", ".parquet", "no extension"))
     (tmp_path / "f.jsonl").write_text(json.dumps({"body": "hi"}) + "\n")
     with pytest.raises(DataError, match="no field 'text'"):
         read_documents([tmp_path / "f.jsonl"])

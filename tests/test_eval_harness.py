@@ -1,6 +1,8 @@
 """The "m2d" lm-eval backend against lm-eval's own "hf" backend on the HF checkpoint of the same model."""
 
 import json
+import logging
+import types
 
 import lm_eval
 import numpy as np
@@ -10,6 +12,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from m2d_jax.cli import main
+from m2d_jax.eval import lm_eval_backend
 from m2d_jax.eval.lm_eval_backend import M2DLM  # importing registers "m2d"
 from m2d_jax.eval.scoring import _target_logprobs
 from m2d_jax.eval.tasks import evaluate_tasks, format_table
@@ -89,6 +92,24 @@ def test_evaluate_tasks_summary_json_and_cli(tmp_path, task_dir, local_tasks, ca
                  "--local-tasks-only", "--batch-size", "4", "--output", str(tmp_path / "cli.json")]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("m2d_test_mc"))
     assert f"{mc['value']:.4f}" in line
+
+
+def test_loglikelihood_logs_tokens_per_second_of_the_whole_call(tmp_path, monkeypatch, caplog):
+    """The logged rate is real (unpadded) tokens / the call's wall time, measured here with a fake clock."""
+    ckpt = checkpoint_with_tokenizer("dense_tied_mha", tmp_path / "model")
+    lm = M2DLM(str(ckpt), batch_size=2)
+    rng = np.random.default_rng(0)
+    # 7 requests of one length bucket: 4 batches of 2, so the batch loop's index runs past 0
+    requests = [(None, rng.integers(1, 300, 5 + i).tolist(), rng.integers(1, 300, 3).tolist()) for i in range(7)]
+    real_tokens = sum(len(context) + len(continuation) - 1 for _, context, continuation in requests)
+    clock = iter([1000.0, 1004.0])  # the call's start and end
+    monkeypatch.setattr(lm_eval_backend, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    with caplog.at_level(logging.INFO, logger=lm_eval_backend.__name__):
+        lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    (record,) = [r for r in caplog.records if "tokens/s" in r.getMessage()]
+    num_sequences, elapsed, tokens_per_second, _ = record.args
+    assert (num_sequences, elapsed) == (7, 4.0)
+    assert tokens_per_second == pytest.approx(real_tokens / 4.0)
 
 
 def test_unknown_task_is_a_clear_error(tmp_path, task_dir, capsys):

@@ -108,11 +108,21 @@ def test_yarn_beyond_the_original_context(family_checkpoint, name):
     assert _max_valid_diff(model(ids, mask, pos), want, mask) <= TOL
 
 
-def test_dense_student_forms_have_the_expected_structure(family_checkpoint):
-    ds = m2d_jax.from_pretrained(family_checkpoint("ds_student_all_dense"), progress=False).config
-    assert ds.ffn_kinds == ("dense",) * 3 and not ds.is_moe
-    oss = m2d_jax.from_pretrained(family_checkpoint("gptoss_student_one_expert"), progress=False).config
-    assert oss.num_experts == 1 and oss.num_experts_per_tok == 1
+def test_dense_student_forms_have_the_structure_transformers_builds(family_checkpoint):
+    """The imported student forms are what transformers' own model of each checkpoint is made of: DeepSeek with
+    no MoE block at all, GPT-OSS with one expert routed top-1 in every layer."""
+    from m2d_jax.hf.oracle import load_reference
+
+    path = family_checkpoint("ds_student_all_dense")
+    ds = m2d_jax.from_pretrained(path, progress=False).config
+    ref_layers = load_reference(path).model.layers
+    ref_kinds = tuple("moe" if hasattr(layer.mlp, "experts") else "dense" for layer in ref_layers)
+    assert ds.ffn_kinds == ref_kinds and set(ref_kinds) == {"dense"} and not ds.is_moe
+    path = family_checkpoint("gptoss_student_one_expert")
+    oss = m2d_jax.from_pretrained(path, progress=False).config
+    routing = {(layer.mlp.experts.gate_up_proj.shape[0], layer.mlp.router.top_k)
+               for layer in load_reference(path).model.layers}
+    assert routing == {(oss.num_experts, oss.num_experts_per_tok)} == {(1, 1)}
 
 
 def test_info_reports_family_structure(family_checkpoint, capsys):

@@ -1,5 +1,7 @@
 """Every MoE dispatch strategy is exact: equal to a per-token NumPy loop, with empty and overflowing experts."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,8 @@ import pytest
 
 from types import SimpleNamespace
 
+import m2d_jax
+from m2d_jax.models.config import DISPATCHES
 from m2d_jax.models.layers import glu_activation
 from m2d_jax.models.moe import ExpertWeights, capacity, expert_outputs, route_softmax_topk
 
@@ -155,7 +159,25 @@ def test_capacity_is_static_and_bounded():
     assert capacity(1, 1, 128, 1.25) == 1
 
 
-def test_unknown_dispatch_is_an_error():
-    with pytest.raises(ValueError, match="unknown MoE dispatch"):
+def _names_field_and_every_choice(message: str):
+    assert "\n" not in message and "moe_dispatch" in message and "'magic'" in message, message
+    assert all(f"'{choice}'" in message for choice in ["auto", *STRATEGIES]), message
+
+
+def test_unknown_dispatch_is_rejected_before_any_compute(tmp_path):
+    """An unknown ``moe_dispatch`` fails in one line that names the field and lists every valid choice: when the
+    model is configured (before any weight is read), and in ``expert_outputs`` itself."""
+    assert set(DISPATCHES) == {"auto", *STRATEGIES}  # every valid choice is one this file proves exact
+    hf_dir = tmp_path / "config_only"  # no weights: loading them would fail with a different error
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(dict(
+        model_type="qwen3_moe", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, moe_intermediate_size=8, num_experts=4,
+        num_experts_per_tok=2)))
+    with pytest.raises(ValueError) as err:
+        m2d_jax.from_pretrained(hf_dir, moe_dispatch="magic")
+    _names_field_and_every_choice(str(err.value))
+    with pytest.raises(ValueError) as err:
         expert_outputs("magic", jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32),
                        ExpertWeights(jnp.zeros((2, 4, 3)), jnp.zeros((2, 4, 3)), jnp.zeros((2, 3, 4))), ACT)
+    _names_field_and_every_choice(str(err.value))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import m2d_jax
-from m2d_jax.hf.oracle import padded_batch, reference_logits
+from m2d_jax.hf.oracle import load_reference, padded_batch, reference_logits
 from m2d_jax.models import with_config
 
 from conftest import ALL_CONFIGS, QWEN3_MOE_CONFIGS, SHARDED
@@ -93,14 +93,55 @@ def test_bfloat16_close_to_float32(hf_checkpoint, name):
     assert ours.mean() <= 1.5 * theirs.mean() and ours.max() <= 1.5 * theirs.max()
 
 
-def test_moe_configs_cover_the_issue_matrix():
-    cfgs = QWEN3_MOE_CONFIGS.values()
-    assert {c["norm_topk_prob"] for c in cfgs} == {True, False}
-    assert {c["tie_word_embeddings"] for c in cfgs} == {True, False}
-    assert len({c["num_attention_heads"] // c["num_key_value_heads"] for c in cfgs}) >= 3
-    assert any(c["head_dim"] != c["hidden_size"] // c["num_attention_heads"] for c in cfgs)
-    assert len({c["num_experts_per_tok"] for c in cfgs}) >= 3
-    assert any(c.get("mlp_only_layers") for c in cfgs)
+def _imported_structure(config) -> dict:
+    """What m2d_jax's imported config says about the model's structure."""
+    return dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_heads=config.num_heads,
+                num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, attention_bias=config.attention_bias,
+                sliding_windows=tuple(config.sliding_window if kind == "sliding_attention" else None
+                                      for kind in config.layer_types),
+                moe_layers=tuple(config.moe_layers), num_experts=config.num_experts,
+                top_k=config.num_experts_per_tok, moe_intermediate_size=config.moe_intermediate_size,
+                norm_topk_prob=config.norm_topk_prob, tie_word_embeddings=config.tie_word_embeddings,
+                rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps)
+
+
+def _transformers_structure(path) -> dict:
+    """The same, read from transformers' own model for the checkpoint: its modules, and its config class for what
+    no module shape shows (RoPE theta, norm epsilon)."""
+    ref = load_reference(path)
+    layers = ref.model.layers
+    attention = layers[0].self_attn
+    moe = [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "experts")]
+    block = layers[moe[0]].mlp
+    embed = ref.model.embed_tokens.weight
+    return dict(vocab_size=embed.shape[0], hidden_size=embed.shape[1],
+                num_heads=attention.q_proj.out_features // attention.head_dim,
+                num_kv_heads=attention.k_proj.out_features // attention.head_dim, head_dim=attention.head_dim,
+                attention_bias=attention.q_proj.bias is not None,
+                sliding_windows=tuple(layer.self_attn.sliding_window for layer in layers),
+                moe_layers=tuple(moe), num_experts=block.experts.gate_up_proj.shape[0], top_k=block.gate.top_k,
+                moe_intermediate_size=block.experts.down_proj.shape[-1], norm_topk_prob=block.gate.norm_topk_prob,
+                tie_word_embeddings=ref.lm_head.weight.data_ptr() == embed.data_ptr(),
+                rope_theta=ref.config.rope_parameters["rope_theta"], rms_norm_eps=ref.config.rms_norm_eps)
+
+
+def test_imported_configs_equal_transformers_and_cover_the_issue_matrix(hf_checkpoint):
+    """Each Qwen3-MoE test checkpoint's imported config is what transformers builds from it, and the imported
+    configs together cover the issue's matrix (renormalised or not, tied or not, >= 3 GQA ratios, head_dim !=
+    d / heads, >= 3 top-k, dense mlp_only layers, sliding windows)."""
+    imported = []
+    for name in sorted(QWEN3_MOE_CONFIGS):
+        path = hf_checkpoint(name)
+        ours = _imported_structure(m2d_jax.from_pretrained(path).config)
+        assert ours == _transformers_structure(path), name
+        imported.append(ours)
+    assert {s["norm_topk_prob"] for s in imported} == {True, False}
+    assert {s["tie_word_embeddings"] for s in imported} == {True, False}
+    assert len({s["num_heads"] // s["num_kv_heads"] for s in imported}) >= 3
+    assert any(s["head_dim"] != s["hidden_size"] // s["num_heads"] for s in imported)
+    assert len({s["top_k"] for s in imported}) >= 3
+    assert any(len(s["moe_layers"]) < len(s["sliding_windows"]) for s in imported)
+    assert any(s["sliding_windows"][0] for s in imported)
 
 
 def test_observer_sees_routing_and_expert_outputs(hf_checkpoint):
@@ -116,8 +157,6 @@ def test_observer_sees_routing_and_expert_outputs(hf_checkpoint):
     hidden, obs = model.hidden_states(ids, mask, observe=seen)
     assert [o is None for o in obs] == [False, True, False]  # stacks: moe, dense, moe
     import torch
-
-    from m2d_jax.hf.oracle import load_reference
 
     ref = load_reference(path)
     block_out = {}

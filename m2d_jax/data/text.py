@@ -13,20 +13,27 @@ from m2d_jax.errors import DataError
 EMBEDDED_CORPUS = Path(__file__).parent / "corpus" / "python_docs.jsonl.gz"
 _FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet"}
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 
 
 def _format_of(path: Path) -> str:
-    suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
-    fmt = _FORMATS.get(suffixes[-1] if suffixes else "")
+    """The reader for ``path`` by its extension (after any compression suffix); no extension (``LICENSE``,
+    ``README.gz``) is plain text."""
+    suffixes = [s for s in path.suffixes if s not in _COMPRESSIONS]
+    if not suffixes:
+        return "text"
+    fmt = _FORMATS.get(suffixes[-1].lower())
     if fmt is None:
-        raise DataError(f"{path}: unknown data format (expected one of {sorted(_FORMATS)}, optionally compressed)")
+        raise DataError(f"{path}: unknown data format {suffixes[-1]!r} (expected one of {sorted(_FORMATS)}, or no "
+                        f"extension for plain text, optionally compressed as {'/'.join(_COMPRESSIONS)})")
     return fmt
 
 
 def read_documents(files: Sequence[str | Path], text_field: str = "text") -> list[str]:
     """Documents of local files through ``datasets.load_dataset`` ("text" | "json" | "parquet" by extension).
 
-    Plain text files yield one document per file (lines joined); json/jsonl/parquet yield one per record.
+    Plain text files (.txt, .text, .md, .rst, or no extension such as ``LICENSE``) yield one document per file
+    (lines joined); json/jsonl/parquet yield one per record.
     """
     import datasets
 

@@ -160,8 +160,8 @@ class M2DLM(TemplateLM):
         quiet = disable_tqdm or jax.process_index() != 0
         pbar = tqdm(total=len(sequences), desc="m2d loglikelihood", disable=quiet)
         for length, members in by_bucket.items():
-            for start in range(0, len(members), bs):
-                batch = members[start:start + bs]
+            for first in range(0, len(members), bs):
+                batch = members[first:first + bs]
                 inputs = np.zeros((bs, length), np.int32)
                 targets = np.zeros((bs, length), np.int32)
                 mask = np.zeros((bs, length), np.int32)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m2d_jax.models.config import ModelConfig
+from m2d_jax.models.config import DISPATCHES, ModelConfig
 from m2d_jax.models.layers import MLP, dtype_of, glu_activation, param
 
 
@@ -114,7 +114,7 @@ def expert_outputs(strategy: str, x, top_idx, experts: ExpertWeights, act: Calla
         return _ragged_outputs(x, top_idx, experts, act)
     if strategy == "blocks":
         return _block_outputs(x, top_idx, experts, act, block_size, blocks_per_step)
-    raise ValueError(f"unknown MoE dispatch {strategy!r} (expected auto, capacity, ragged or dense)")
+    raise ValueError(f"unknown MoE dispatch: moe_dispatch={strategy!r} not in {DISPATCHES}")
 
 
 def all_expert_outputs(experts: ExpertWeights, act: Callable, x):

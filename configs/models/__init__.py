@@ -1,0 +1,1 @@
+"""Model configs (transformers config kwargs) of the embedded teachers."""
