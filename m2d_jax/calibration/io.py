@@ -31,9 +31,10 @@ def load_stats(path: str | Path) -> CalibrationStats:
     if not path.is_file():
         raise StatsError(f"{path}: statistics file not found")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise ValueError("a single array, not an .npz archive")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with loaded as f:
             arrays = {k: f[k] for k in f.files}
         metadata = json.loads(str(arrays.pop("metadata"))) if "metadata" in arrays else None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
