@@ -161,8 +161,15 @@ def write_outputs(writers: Mapping[str | Path | None, Callable[[Path], Any]], ov
             write(stage)
         sync_processes("m2d_outputs_written:" + ",".join(map(str, targets)))
         if is_primary_process():
-            for stage, target in zip(staged, targets):
-                _replace(stage, target)
+            renamed = []
+            try:
+                for stage, target in zip(staged, targets):
+                    _replace(stage, target)
+                    renamed.append(target)
+            except BaseException:
+                for target in renamed:  # a rename failed: take back the ones already made
+                    _remove(target)
+                raise
     finally:
         if is_primary_process():
             for stage in staged:
