@@ -83,10 +83,16 @@ def _remove(path: Path) -> None:
 
 
 def _replace(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``, replacing what is there (a directory cannot be replaced by ``os.replace``)."""
-    if out.is_dir() and not out.is_symlink():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    """Rename ``tmp`` to ``out``, replacing what is there. A file is replaced atomically (``os.replace``); an
+    existing directory is renamed aside first and deleted last, so a crash leaves the old or the new directory
+    under ``out`` (or, between the two renames, none), never a partly deleted one."""
+    if not (out.is_dir() and not out.is_symlink()):
+        os.replace(tmp, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, aside / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(aside)
 
 
 def atomic_write(out: str | Path, write: Callable[[Path], Any], directory: bool = False,
@@ -214,7 +220,11 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, record: Mapping) -> "Provenance":
-        """The record of a checkpoint's metadata; keys that are not fields (older records) land in ``details``."""
+        """The record of a checkpoint's metadata. Records written before this one existed name the source model
+        ``source``; other keys that are not fields land in ``details``."""
+        record = dict(record)
+        if "source" in record and "source_model" not in record:
+            record["source_model"] = record.pop("source")
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in record.items() if k in names and k != "details"}
         extra = {k: v for k, v in record.items() if k not in names}

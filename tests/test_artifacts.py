@@ -77,5 +77,5 @@ def test_provenance_record():
     record = Provenance("dense_student", source_model="/m", source_hf_dir="/hf", recipe={"groups": 2}).to_dict()
     assert record["package_version"] == m2d_jax.__version__ and record["kind"] == "dense_student"
     assert Provenance.from_dict(json.loads(json.dumps(record))) == Provenance(**record)
-    older = Provenance.from_dict({"kind": "distilled", "source": "/s", "steps": 3})  # keys that are not fields
-    assert older.source_model is None and older.details == {"source": "/s", "steps": 3}
+    older = Provenance.from_dict({"kind": "distilled", "source": "/s", "teacher": "/t", "steps": 3})
+    assert older.source_model == "/s" and older.teacher == "/t" and older.details == {"steps": 3}

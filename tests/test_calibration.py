@@ -172,6 +172,16 @@ def test_calibrate_stage_shards_roundtrip_and_cli(calib_checkpoint, tmp_path, ca
     kw = dict(seq_len=32, num_seqs=7, gram_tokens=50, batch_size=3, seed=1, gram_chunk=16, show_progress=False)
     full = calibrate_files(path, [data], **kw)
     meta = full.metadata
+    # the runner = tokenise + choose windows + the in-memory stage
+    from m2d_jax.calibration import calibration_windows
+    from m2d_jax.data import load_tokenizer, pack_documents, read_documents, tokenize_documents
+
+    windows = calibration_windows(pack_documents(tokenize_documents(read_documents([data]), load_tokenizer(path)), 32),
+                                  7, seed=1)
+    in_memory = calibrate(m2d_jax.from_pretrained(path), windows, gram_tokens=50, batch_size=3, seed=1, gram_chunk=16)
+    for a, b in zip(in_memory.sums, full.sums):
+        np.testing.assert_array_equal(a, b)
+    assert meta["model_path"] == str(path.absolute()) and "model_path" not in in_memory.metadata
     assert meta["tokens_seen"] == 7 * 32 and meta["gram_tokens_seen"] == 50 and meta["moe_layers"] == [0, 2]
     assert meta["config_hash"] == config_hash(m2d_jax.from_pretrained(path).config)
     shards = [calibrate_files(path, [data], shard_index=i, shard_count=2, **kw) for i in range(2)]

@@ -460,10 +460,14 @@ def test_selection_file_drives_conversion(identity_teacher_dir, identity_stats, 
     assert meta["selection"] == selection.to_dict() and meta["stats_sha256"] == stats.digest()
     # the library validates what the CLI passes through
     capsys.readouterr()
+    truncated = tmp_path / "truncated.json"
+    truncated.write_bytes(selection_file.read_bytes()[:100])
     for extra, message in ((["--selection", str(selection_file), "--scoring", "reap"], "not both"),
-                           ([], "--experts"), (["--selection", str(tmp_path / "none.json")], "not found")):
+                           ([], "--experts"), (["--selection", str(tmp_path / "none.json")], "not found"),
+                           (["--selection", str(truncated)], f"{truncated}: not a selection file")):
         assert main(base + extra + ["--out", str(tmp_path / "c")]) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
     assert main(["convert", "--model", str(identity_teacher_dir), "--experts", "4", "--groups", "3", "--out",
                  str(tmp_path / "c")]) == 2
     assert "--stats" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -98,16 +98,18 @@ def write_sharded(directory: Path, tensors, max_shard_bytes: int = DEFAULT_MAX_S
 
 def teacher_hf_dir(metadata: dict) -> Path | None:
     """The teacher's HF directory recorded in checkpoint metadata (an ``artifacts.Provenance`` record): its
-    ``source_hf_dir``, or else that of its ``source_model`` when that is an m2d_jax checkpoint."""
+    ``source_hf_dir``, else its ``source_model``, followed through an m2d_jax checkpoint's own record."""
     from m2d_jax import checkpoint
     from m2d_jax.artifacts import Provenance
 
     record = Provenance.from_dict(metadata)
-    if record.source_hf_dir and (Path(record.source_hf_dir) / "config.json").exists():
-        return Path(record.source_hf_dir)
-    if record.source_model and checkpoint.is_m2d_checkpoint(record.source_model):
-        return teacher_hf_dir(checkpoint.load_metadata(record.source_model))
-    return None
+    source = record.source_hf_dir or record.source_model
+    if not source:
+        return None
+    source = Path(source)
+    if checkpoint.is_m2d_checkpoint(source):
+        return teacher_hf_dir(checkpoint.load_metadata(source))
+    return source if (source / "config.json").exists() else None
 
 
 def export_model(model: CausalLM, out_dir: str | Path, tokenizer_from: str | Path | None = None,
