@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from m2d_jax.selection import greedy_logdet, logdet_kernel
+from m2d_jax.scoring import greedy_logdet, logdet_kernel
 
 
 def numpy_naive(kernel, k):

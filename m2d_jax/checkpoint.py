@@ -12,11 +12,7 @@ half-written checkpoint under the target name. Restoring accepts a target shardi
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,20 +20,12 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from m2d_jax.artifacts import atomic_directory, check_outputs, is_primary_process
 from m2d_jax.errors import CheckpointError
 from m2d_jax.models import CausalLM, ModelConfig, abstract_model
 
 FORMAT = "m2d_jax.model/1"
 RECORD = "m2d_model.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks (provenance of configs and statistics in checkpoint metadata)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_m2d_checkpoint(path: str | Path) -> bool:
@@ -55,68 +43,7 @@ def read_record(path: str | Path) -> dict:
     return record
 
 
-def ensure_new_output(*outs: str | Path | None, overwrite: bool = False) -> None:
-    """Fail (before any work) if an output path already exists, unless ``overwrite``; None entries are skipped."""
-    for out in outs:
-        if out is not None and not overwrite and Path(out).exists():
-            raise FileExistsError(f"{out} already exists; choose a new output path")
-
-
-def is_primary_process() -> bool:
-    """True on the process that writes shared single files (process 0; always True in a single-process run)."""
-    return jax.process_index() == 0
-
-
-def sync_processes(name: str) -> None:
-    """Barrier across all processes of a multi-process run (no-op in a single-process run)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def atomic_directory(out: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Run ``write(tmp_dir)`` and rename ``tmp_dir`` to ``out`` only if it succeeds.
-
-    In a multi-process run this is collective: every process calls it with the same ``out``, ``write`` runs on every
-    process with the same ``tmp_dir`` (collective writers such as Orbax coordinate their shards; single files must be
-    written by ``is_primary_process()`` only), and process 0 renames once every process has finished writing.
-    """
-    out = Path(out).absolute()
-    ensure_new_output(out, overwrite=overwrite)
-    if jax.process_count() > 1:
-        return _atomic_directory_collective(out, write)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _atomic_directory_collective(out: Path, write: Callable[[Path], None]) -> Path:
-    tmp = out.parent / f".{out.name}.tmp-collective"  # the same path on every process
-    if is_primary_process():
-        shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a crashed run
-        tmp.mkdir(parents=True)
-    sync_processes(f"m2d_atomic_start:{out}")
-    try:
-        write(tmp)
-        sync_processes(f"m2d_atomic_written:{out}")
-        if is_primary_process():
-            if out.exists():
-                shutil.rmtree(out)
-            os.rename(tmp, out)
-    finally:
-        if is_primary_process() and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    sync_processes(f"m2d_atomic_done:{out}")  # nobody reads ``out`` before it exists
-    return out
+ensure_new_output = check_outputs  # the name hf/export.py imports
 
 
 def _params_tree(model: CausalLM) -> dict:
@@ -127,8 +54,8 @@ def save_model(model: CausalLM, out: str | Path, metadata: dict[str, Any] | None
                overwrite: bool = False) -> Path:
     """Save ``model`` (params + config + metadata) as an m2d_jax checkpoint directory.
 
-    Parameters may be sharded over a mesh; in a multi-process run every process calls this (see ``atomic_directory``)
-    and writes its own shards."""
+    Parameters may be sharded over a mesh; in a multi-process run every process calls this (see
+    ``artifacts.atomic_write``) and writes its own shards."""
 
     def write(tmp: Path):
         checkpointer = ocp.StandardCheckpointer()
@@ -169,5 +96,4 @@ def load_metadata(path: str | Path) -> dict:
     return read_record(path).get("metadata", {})
 
 
-__all__ = ["atomic_directory", "is_m2d_checkpoint", "is_primary_process", "load_metadata", "load_model", "read_record",
-           "save_model", "sync_processes"]
+__all__ = ["is_m2d_checkpoint", "load_metadata", "load_model", "read_record", "save_model"]

@@ -9,7 +9,7 @@ import sys
 
 
 def _cmd_import(args) -> int:
-    from m2d_jax.api import import_checkpoint
+    from m2d_jax.pipeline import import_checkpoint
 
     out = import_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")
@@ -49,55 +49,50 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from m2d_jax.calibration import calibrate, save_stats
-    from m2d_jax.checkpoint import ensure_new_output
+    from m2d_jax.pipeline import calibrate_files
 
-    ensure_new_output(args.out, overwrite=args.overwrite)  # fail before any work
-    stats = calibrate(args.model, args.data, seq_len=args.seq_len, num_seqs=args.num_seqs,
-                      gram_tokens=args.gram_tokens, batch_size=args.batch_size, seed=args.seed,
-                      gram_chunk=args.gram_chunk, tokenizer_dir=args.tokenizer, text_field=args.text_field,
-                      shard_index=args.shard_index, shard_count=args.shard_count, dtype=args.dtype)
-    out = save_stats(stats, args.out, overwrite=args.overwrite)
+    stats = calibrate_files(args.model, args.data, args.out, seq_len=args.seq_len, num_seqs=args.num_seqs,
+                            gram_tokens=args.gram_tokens, batch_size=args.batch_size, seed=args.seed,
+                            gram_chunk=args.gram_chunk, tokenizer_dir=args.tokenizer, text_field=args.text_field,
+                            shard_index=args.shard_index, shard_count=args.shard_count, dtype=args.dtype,
+                            overwrite=args.overwrite)
     m = stats.metadata
-    print(f"wrote {out}: {m['tokens_seen']} tokens, {m['gram_tokens_seen']} Gram tokens, "
+    print(f"wrote {args.out}: {m['tokens_seen']} tokens, {m['gram_tokens_seen']} Gram tokens, "
           f"{len(m['moe_layers'])} MoE layers, {m['tokens_seen'] / max(m['seconds'], 1e-9):.0f} tokens/s incl. compile")
     return 0
 
 
+def _scoring_options(args) -> dict:
+    return {k: v for k, v in (("acp_form", args.acp_form), ("beta", args.beta), ("ridge", args.ridge),
+                              ("kernel", args.kernel)) if v is not None}
+
+
 def _cmd_score(args) -> int:
-    from m2d_jax.calibration import combine_stats, load_stats
-    from m2d_jax.scoring import run_selection
+    from m2d_jax.pipeline import select_from_files
 
-    stats = combine_stats(*(load_stats(path) for path in args.stats))
-    options = {k: v for k, v in (("acp_form", args.acp_form), ("beta", args.beta), ("ridge", args.ridge),
-                                 ("kernel", args.kernel)) if v is not None}
-    config = None
-    if args.model:
-        from m2d_jax.info import load_config
-
-        config, _ = load_config(args.model)  # config only: no weights are read
-    result = run_selection(stats, args.scoring, args.experts, config, **options)
-    layers = stats.moe_layers
+    selection = select_from_files(args.stats, args.scoring, args.experts, args.out, model=args.model,
+                                  overwrite=args.overwrite, **_scoring_options(args))
     if args.json:
-        print(json.dumps({"scoring": args.scoring, "experts": args.experts, "options": options,
-                          "selected": {str(l): row for l, row in zip(layers, result.selected.tolist())},
-                          "weight_scores": {str(l): row for l, row in zip(layers, result.weight_scores.tolist())}}))
-    else:
-        print(f"{args.scoring}, K={args.experts} of E={stats.num_experts} (layer: experts in selection order)")
-        for layer, row in zip(layers, result.selected.tolist()):
-            print(f"layer {layer:3d}: {' '.join(map(str, row))}")
+        print(json.dumps(selection.to_dict()))
+        return 0
+    print(f"{selection.scoring}, K={selection.num_selected} of E={selection.num_experts} "
+          "(layer: experts in selection order)")
+    for layer, row in zip(selection.moe_layers, selection.selected.tolist()):
+        print(f"layer {layer:3d}: {' '.join(map(str, row))}")
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 
 def _cmd_eval_ppl(args) -> int:
     from m2d_jax.eval.ppl import evaluate_perplexity
-    from m2d_jax.eval.tasks import write_json
+    from m2d_jax.artifacts import write_json
 
     result = evaluate_perplexity(args.model, args.data, seq_len=args.seq_len, stride=args.stride,
                                  batch_size=args.batch_size, dtype=args.dtype, text_field=args.text_field,
                                  tokenizer_path=args.tokenizer).to_dict()
     if args.output:
-        write_json(result, args.output)
+        write_json(result, args.output, overwrite=True)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -132,17 +127,17 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from m2d_jax.convert.pipeline import convert, convert_random_ffn
+    from m2d_jax.convert import ConversionRecipe
+    from m2d_jax.pipeline import convert_checkpoint, random_ffn_checkpoint
 
     if args.random_ffn:
-        out = convert_random_ffn(args.model, args.groups, args.out, args.hf_out, dtype=args.dtype, seed=args.seed,
-                                 overwrite=args.overwrite)
+        out = random_ffn_checkpoint(args.model, args.groups, args.out, args.hf_out, dtype=args.dtype, seed=args.seed,
+                                    overwrite=args.overwrite)
     else:
-        missing = [f"--{n.replace('_', '-')}" for n in ("stats", "experts") if getattr(args, n) is None]
-        if missing:
-            raise ValueError(f"{' and '.join(missing)} required (or --random-ffn for the random-FFN baseline)")
-        out = convert(args.model, args.stats, args.scoring, args.grouping, args.dp_scaling, args.experts,
-                      args.groups, args.out, args.hf_out, dtype=args.dtype, overwrite=args.overwrite)
+        recipe = ConversionRecipe(args.groups, args.grouping, args.dp_scaling)
+        out = convert_checkpoint(args.model, args.stats, recipe, args.out, args.hf_out, selection=args.selection,
+                                 scoring=args.scoring, num_selected=args.experts,
+                                 scoring_options=_scoring_options(args), dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}" + (f" and {args.hf_out}" if args.hf_out else ""))
     return 0
 
@@ -156,7 +151,24 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _add_scoring_options(p) -> None:
+    from m2d_jax.scoring import ACP_FORMS, DEFAULT_OPTIONS, KERNELS
+
+    default = DEFAULT_OPTIONS
+    p.add_argument("--acp-form", default=None, choices=ACP_FORMS,
+                   help=f"ACP form of reap / gld_reap (default {default['acp_form']})")
+    p.add_argument("--beta", type=float, default=None,
+                   help=f"importance exponent of the log-det kernel (default {default['beta']})")
+    p.add_argument("--ridge", type=float, default=None, help=f"ridge of the log-det kernel (default {default['ridge']})")
+    p.add_argument("--kernel", default=None, choices=KERNELS, help=f"log-det kernel (default {default['kernel']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from m2d_jax.convert import DP_SCALINGS, GROUPINGS
+    from m2d_jax.models.config import DTYPES
+    from m2d_jax.pipeline import DEFAULT_SCORING
+    from m2d_jax.scoring import SCORINGS
+
     parser = argparse.ArgumentParser(prog="m2d", description="MoE -> dense conversion and distillation (JAX)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="HF safetensors checkpoint -> m2d_jax (Orbax) checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_import)
 
@@ -177,20 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="demo", help="config file or name under configs/")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("convert", help="MoE teacher + calibration statistics -> dense student (SPEC §5-§6)")
+    p = sub.add_parser("convert", help="MoE teacher + calibration statistics + selection -> dense student "
+                                       "(docs/METHOD.md)")
     p.add_argument("--model", required=True, help="HF or m2d_jax checkpoint directory of the MoE teacher")
-    p.add_argument("--stats", help="calibration statistics file (m2d calibrate)")
-    p.add_argument("--scoring", default="gld_reap", help="expert scoring (SPEC §3), e.g. gld_reap, conditional_prob")
-    p.add_argument("--grouping", default="round_robin",
-                   help="round_robin | weight_cluster | router_cluster | dominant_expert | output_cluster")
-    p.add_argument("--dp-scaling", default="uniform", help="down-projection scaling: uniform | proportional")
-    p.add_argument("--experts", type=int, help="K: experts selected per MoE layer")
-    p.add_argument("--groups", type=int, required=True, help="k: groups (dense FFN blocks) per layer")
+    p.add_argument("--stats", nargs="+", help="calibration statistics file(s) (m2d calibrate; shards are summed)")
+    p.add_argument("--selection", help="selection file (m2d score --out); or select here with --scoring/--experts")
+    p.add_argument("--scoring", default=None, choices=SCORINGS,
+                   help=f"expert scoring when there is no --selection (default {DEFAULT_SCORING})")
+    p.add_argument("--experts", type=int, help="K: experts selected per MoE layer (without --selection)")
+    _add_scoring_options(p)
+    p.add_argument("--grouping", default="round_robin", choices=GROUPINGS)
+    p.add_argument("--dp-scaling", default="uniform", choices=DP_SCALINGS, help="down-projection scaling")
+    p.add_argument("--groups", type=int, required=True, help="k: groups (dense FFN blocks) per layer; K need not "
+                                                             "be a multiple of k")
     p.add_argument("--out", required=True, help="output m2d_jax checkpoint directory (must not exist)")
     p.add_argument("--hf-out", help="also export the student as an HF checkpoint directory here")
     p.add_argument("--random-ffn", action="store_true", help="random-FFN baseline (teacher attention, new FFN)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-FFN baseline")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
@@ -199,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--tokenizer-from", help="HF directory to copy tokenizer files and generation_config.json from "
                                             "(default: the teacher recorded in the checkpoint)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast the weights (default: as saved)")
+    p.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: as saved)")
     p.add_argument("--max-shard-mb", type=float, default=2048.0, help="split safetensors beyond this size")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_export)
@@ -225,21 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--shard-index", type=int, default=0, help="this host's shard (combine shards by addition)")
     p.add_argument("--shard-count", type=int, default=1)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_calibrate)
 
-    p = sub.add_parser("score", help="score experts from calibration statistics and print the per-layer selection")
+    p = sub.add_parser("score", help="select experts from calibration statistics: print the per-layer selection "
+                                     "and write it as a selection file (--out)")
     p.add_argument("--stats", required=True, nargs="+", help="statistics file(s); several shards are summed")
-    p.add_argument("--scoring", required=True, choices=("selection_freq", "preselect_prob", "postselect_prob",
-                                                        "conditional_prob", "reap", "gram_logdet", "gld_reap"))
+    p.add_argument("--scoring", required=True, choices=SCORINGS)
     p.add_argument("--experts", type=int, required=True, help="K, experts kept per layer")
-    p.add_argument("--acp-form", default=None, help="reap | reap_weight | factored_all | factored_routed")
-    p.add_argument("--beta", type=float, default=None)
-    p.add_argument("--ridge", type=float, default=None)
-    p.add_argument("--kernel", default=None, help="cosine | raw")
+    _add_scoring_options(p)
     p.add_argument("--model", default=None, help="check that the statistics belong to this checkpoint")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, help="selection file to write (.json; m2d convert --selection)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the selection record as JSON")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("eval", help="evaluation: perplexity (ppl) and lm-eval downstream tasks (tasks)")
@@ -250,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--stride", type=int, default=None, help="window stride (default: --seq-len)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--text-field", default="text")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--output", default=None, help="also write the result as JSON here")
@@ -262,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", default=None, help="directory of local task YAMLs")
     p.add_argument("--local-tasks-only", action="store_true", help="skip indexing lm-eval's built-in tasks")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--limit", type=float, default=None, help="examples per task (fraction if < 1)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--output", default=None, help="results JSON path")
@@ -276,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.set_defaults(func=_cmd_generate)
     return parser

@@ -52,14 +52,28 @@ def _max_valid_diff(got, want, mask) -> float:
     return float(np.abs(np.asarray(got, np.float32) - want)[mask.astype(bool)].max())
 
 
+def distill_config(teacher: Path, student: Path, train_file: Path, tokenizer: Path, d: ConfigDict,
+                   learning_rate: float, workdir: Path) -> ConfigDict:
+    """The ``m2d distill`` config of one demo run: ``configs/distill/base`` with the demo's sizes, on one device."""
+    from m2d_jax.config_utils import load_config
+
+    config = load_config("distill/base")
+    config.teacher.path, config.teacher.dtype, config.student.path = str(teacher), "float32", str(student)
+    config.data.files, config.data.tokenizer = (str(train_file),), str(tokenizer)
+    config.data.seq_len, config.data.batch_size, config.steps = d.seq_len, d.batch_size, d.steps
+    config.optimizer.learning_rate = float(learning_rate)
+    config.schedule.warmup_steps, config.schedule.decay_steps = d.warmup_steps, d.decay_steps
+    config.checkpoint.every, config.logging.every = d.steps, max(1, d.steps // 8)
+    config.logging.tensorboard, config.logging.progress = False, False
+    config.workdir, config.mesh.fsdp = str(workdir), 1
+    return config
+
+
 def run_demo(config: ConfigDict) -> dict:
     import jax
 
     from m2d_jax import from_pretrained
-    from m2d_jax.api import import_checkpoint
-    from m2d_jax.calibration import calibrate, save_stats
-    from m2d_jax.config_utils import apply_overrides, load_config
-    from m2d_jax.convert import convert, convert_random_ffn
+    from m2d_jax.convert import ConversionRecipe
     from m2d_jax.data import load_tokenizer, pack_documents, read_documents, tokenize_documents, train_bpe_tokenizer
     from m2d_jax.distill import run as distill
     from m2d_jax.eval.ppl import evaluate_perplexity
@@ -67,7 +81,8 @@ def run_demo(config: ConfigDict) -> dict:
     from m2d_jax.hf.oracle import make_hf_checkpoint, padded_batch, reference_logits
     from m2d_jax.info import format_summary, summarize
     from m2d_jax.models import with_config
-    from m2d_jax.scoring import run_selection
+    from m2d_jax.pipeline import (calibrate_files, convert_checkpoint, import_checkpoint, random_ffn_checkpoint,
+                                  select_from_files)
 
     results: dict = {"checks": {}}
     with tempfile.TemporaryDirectory(prefix="m2d_demo_") as tmp:
@@ -95,20 +110,24 @@ def run_demo(config: ConfigDict) -> dict:
 
         print("[3/7] m2d calibrate")
         c = config.calibration
-        stats = calibrate(hf_dir, [train_file], seq_len=c.seq_len, num_seqs=c.num_seqs, gram_tokens=c.gram_tokens,
-                          batch_size=c.batch_size, seed=config.seed)
-        stats_path = save_stats(stats, work / "stats", overwrite=True)
+        stats_path = work / "stats"
+        calibrate_files(hf_dir, [train_file], stats_path, seq_len=c.seq_len, num_seqs=c.num_seqs,
+                        gram_tokens=c.gram_tokens, batch_size=c.batch_size, seed=config.seed, overwrite=True)
 
         conv = config.conversion
         print(f"[4/7] m2d score --scoring {conv.scoring} --experts {conv.experts}")
-        selection = run_selection(stats, conv.scoring, conv.experts, teacher.config)
-        for layer, row in zip(stats.moe_layers, selection.selected.tolist()):
+        selection_path = work / "selection.json"
+        selection = select_from_files(stats_path, conv.scoring, conv.experts, selection_path, model=teacher_ckpt,
+                                      overwrite=True)
+        for layer, row in zip(selection.moe_layers, selection.selected.tolist()):
             print(f"      layer {layer}: keeps experts {row}")
 
         print(f"[5/7] m2d convert (K={conv.experts} -> k={conv.groups}, {conv.grouping}, {conv.dp_scaling}) "
               "+ export to HF")
-        student_ckpt = convert(hf_dir, stats_path, conv.scoring, conv.grouping, conv.dp_scaling, conv.experts,
-                               conv.groups, work / "student", hf_out=work / "student_hf", overwrite=True)
+        student_ckpt = convert_checkpoint(hf_dir, stats_path, ConversionRecipe(conv.groups, conv.grouping,
+                                                                               conv.dp_scaling),
+                                          work / "student", hf_out=work / "student_hf", selection=selection_path,
+                                          overwrite=True)
         student = from_pretrained(student_ckpt)
         diff = _max_valid_diff(student(ids, mask), reference_logits(work / "student_hf", ids, mask), mask)
         results["checks"]["student_export_parity"] = diff <= PARITY_TOLERANCE
@@ -119,7 +138,8 @@ def run_demo(config: ConfigDict) -> dict:
                                  config.eval_seq_len)[:config.heldout_kl_windows]
         kl_converted = heldout_kl(teacher, student, heldout)
 
-        random_ckpt = convert_random_ffn(hf_dir, conv.groups, work / "random_ffn", seed=config.seed, overwrite=True)
+        random_ckpt = random_ffn_checkpoint(hf_dir, conv.groups, work / "random_ffn", seed=config.seed,
+                                            overwrite=True)
         kl = {"converted": kl_converted, "random-FFN baseline": heldout_kl(teacher, from_pretrained(random_ckpt),
                                                                            heldout)}
         print(f"      held-out KL(teacher || student): converted {kl['converted']:.4f}, random-FFN baseline "
@@ -131,17 +151,9 @@ def run_demo(config: ConfigDict) -> dict:
         for name, init, lr in (("converted", student_ckpt, d.learning_rate),
                                ("random-FFN baseline", random_ckpt, d.baseline_learning_rate)):
             run_dir = work / ("distill_" + name.split()[0].lower())
-            distill_config = apply_overrides(load_config("distill/base"), [
-                f"--config.teacher.path={teacher_ckpt}", f"--config.student.path={init}",
-                "--config.teacher.dtype=float32", f"--config.data.files=('{train_file}',)",
-                f"--config.data.tokenizer={hf_dir}", f"--config.data.seq_len={d.seq_len}",
-                f"--config.data.batch_size={d.batch_size}", f"--config.steps={d.steps}",
-                f"--config.optimizer.learning_rate={lr}", f"--config.schedule.warmup_steps={d.warmup_steps}",
-                f"--config.schedule.decay_steps={d.decay_steps}", f"--config.checkpoint.every={d.steps}",
-                f"--config.logging.every={max(1, d.steps // 8)}", f"--config.workdir={run_dir}",
-                "--config.logging.tensorboard=False", "--config.logging.progress=False", "--config.mesh.fsdp=1"])
             start = time.perf_counter()
-            out = distill(distill_config, devices=jax.devices()[:1])
+            out = distill(distill_config(teacher_ckpt, init, train_file, hf_dir, d, lr, run_dir),
+                          devices=jax.devices()[:1])
             distilled[name] = out["student"]
             after = heldout_kl(teacher, from_pretrained(out["student"]), heldout)
             print(f"      {name:<20} held-out KL {kl[name]:.4f} -> {after:.4f} ({time.perf_counter() - start:.0f}s, "

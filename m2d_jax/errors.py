@@ -25,4 +25,12 @@ class MeshError(M2DError):
     """A mesh or batch layout that cannot be realised on the available devices."""
 
 
-__all__ = ["CheckpointError", "DataError", "M2DError", "MeshError", "StatsError"]
+class OutputError(M2DError):
+    """An output path that cannot be written (its parent is not a writable directory, or two outputs overlap)."""
+
+
+class SelectionError(M2DError):
+    """A selection file that is missing, malformed, or does not match the statistics or model it is used with."""
+
+
+__all__ = ["CheckpointError", "DataError", "M2DError", "MeshError", "OutputError", "SelectionError", "StatsError"]

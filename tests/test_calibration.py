@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import m2d_jax
-from m2d_jax.calibration import (CalibrationStats, StatSums, StatsError, accumulate, batch_sums, calibrate,
+from m2d_jax.calibration import (FORMAT, CalibrationStats, StatSums, StatsError, accumulate, batch_sums, calibrate,
                                  combine_stats, config_hash, gram_positions, gram_slots, load_stats, save_stats)
 from m2d_jax.hf.oracle import load_reference, make_hf_checkpoint, padded_batch
+from m2d_jax.pipeline import calibrate_files
 
 from conftest import QWEN3_MOE_CONFIGS, corpus_documents, make_checkpoint_with_tokenizer
 
@@ -68,7 +69,7 @@ def reference_sums(path, ids, mask, gram_index, gram_valid) -> StatSums:
         fields["sum_selected_norm"].append((sel * norms).sum(0))
         fields["router_logit_moment"].append(np.einsum("t,te,tf->ef", valid, z, z))
         fields["gram"].append(np.einsum("etd,ftd->ef", fg, fg))
-        fields["mean_output"].append(fg.sum(1))
+        fields["sum_output"].append(fg.sum(1))
         fields["sum_output_norm"].append(np.linalg.norm(fg, axis=-1).sum(1))
         fields["gram_tokens"].append(float(len(gsel)))
     return StatSums(**{k: np.stack(v) for k, v in fields.items()})
@@ -169,11 +170,21 @@ def test_calibrate_stage_shards_roundtrip_and_cli(calib_checkpoint, tmp_path, ca
 
     path, data = calib_checkpoint
     kw = dict(seq_len=32, num_seqs=7, gram_tokens=50, batch_size=3, seed=1, gram_chunk=16, show_progress=False)
-    full = calibrate(path, [data], **kw)
+    full = calibrate_files(path, [data], **kw)
     meta = full.metadata
+    # the runner = tokenise + choose windows + the in-memory stage
+    from m2d_jax.calibration import calibration_windows
+    from m2d_jax.data import load_tokenizer, pack_documents, read_documents, tokenize_documents
+
+    windows = calibration_windows(pack_documents(tokenize_documents(read_documents([data]), load_tokenizer(path)), 32),
+                                  7, seed=1)
+    in_memory = calibrate(m2d_jax.from_pretrained(path), windows, gram_tokens=50, batch_size=3, seed=1, gram_chunk=16)
+    for a, b in zip(in_memory.sums, full.sums):
+        np.testing.assert_array_equal(a, b)
+    assert meta["model_path"] == str(path.absolute()) and "model_path" not in in_memory.metadata
     assert meta["tokens_seen"] == 7 * 32 and meta["gram_tokens_seen"] == 50 and meta["moe_layers"] == [0, 2]
     assert meta["config_hash"] == config_hash(m2d_jax.from_pretrained(path).config)
-    shards = [calibrate(path, [data], shard_index=i, shard_count=2, **kw) for i in range(2)]
+    shards = [calibrate_files(path, [data], shard_index=i, shard_count=2, **kw) for i in range(2)]
     assert_sums_close(combine_stats(*shards).sums, full.sums, rtol=1e-5)
     with pytest.raises(StatsError, match="overlap"):
         combine_stats(shards[0], shards[0])
@@ -195,7 +206,7 @@ def test_calibrate_stage_shards_roundtrip_and_cli(calib_checkpoint, tmp_path, ca
     capsys.readouterr()
     assert main(["score", "--stats", str(cli_out), "--scoring", "gld_reap", "--experts", "4", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    selected, weights = select_experts(loaded, "gld_reap", 4)
+    selected = select_experts(loaded, "gld_reap", 4).selected
     assert printed["selected"] == {str(l): row for l, row in zip(meta["moe_layers"], selected.tolist())}
     shard_files = [str(save_stats(sh, tmp_path / f"shard{i}.npz")) for i, sh in enumerate(shards)]
     assert main(["score", "--stats", *shard_files, "--scoring", "gld_reap", "--experts", "4", "--json"]) == 0
@@ -220,7 +231,7 @@ def test_bad_statistics_files(calib_checkpoint, tmp_path, streaming_model):
         load_stats(tmp_path / "junk.npz")
     c = streaming_model.config
     sums = StatSums.zeros(2, c.num_experts, c.hidden_size)._replace(tokens=np.full(2, 3.0))
-    meta = dict(format="m2d_jax.calibration/1", config_hash=config_hash(c), num_experts=c.num_experts,
+    meta = dict(format=FORMAT, config_hash=config_hash(c), num_experts=c.num_experts,
                 top_k=c.num_experts_per_tok, moe_layers=[0, 2], hidden_size=c.hidden_size)
     good = CalibrationStats(sums, meta)
     bad_path = save_stats(CalibrationStats(sums._replace(sum_output_norm=sums.sum_output_norm + np.inf), meta),
@@ -230,10 +241,42 @@ def test_bad_statistics_files(calib_checkpoint, tmp_path, streaming_model):
     wrong_shape = save_stats(CalibrationStats(sums._replace(gram=np.zeros((2, 3, 3))), meta), tmp_path / "shape.npz")
     with pytest.raises(StatsError, match=r"field 'gram' has shape \(2, 3, 3\), expected \(2, 8, 8\)"):
         load_stats(wrong_shape)
+    good_path = save_stats(good, tmp_path / "good.npz")
+    data = good_path.read_bytes()
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "truncated.npz").write_bytes(data[:len(data) // 2])
+    (tmp_path / "cut_header.npz").write_bytes(data[:40])
+    for name in ("empty.npz", "truncated.npz", "cut_header.npz"):
+        with pytest.raises(StatsError, match=f"{name}: not a statistics file, or a truncated one") as info:
+            load_stats(tmp_path / name)
+        assert "\n" not in str(info.value)
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    with pytest.raises(StatsError, match="array.npy: not a statistics file"):
+        load_stats(tmp_path / "array.npy")
+    older = save_stats(CalibrationStats(sums, dict(meta, format="m2d_jax.calibration/1")), tmp_path / "v1.npz")
+    with pytest.raises(StatsError, match="v1.npz: format 'm2d_jax.calibration/1', expected 'm2d_jax.calibration/2'"):
+        load_stats(older)
     good.check_model(c.replace(moe_dispatch="dense"))
     other = m2d_jax.from_pretrained(calib_checkpoint[0]).config  # a different vocab
     with pytest.raises(StatsError, match="different model"):
         good.check_model(other)
+
+
+def test_cli_reports_a_truncated_statistics_file_in_one_line(tmp_path, capsys):
+    """``m2d score`` and ``m2d convert`` on a zero-byte or truncated file: exit 2 and one line naming the file."""
+    from m2d_jax.cli import main
+
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "truncated.npz").write_bytes(b"PK\x03\x04" + b"\0" * 30)
+    for name in ("empty.npz", "truncated.npz"):
+        stats = str(tmp_path / name)
+        for argv in (["score", "--stats", stats, "--scoring", "reap", "--experts", "4"],
+                     ["convert", "--model", str(tmp_path), "--stats", stats, "--experts", "4", "--groups", "2",
+                      "--out", str(tmp_path / "student")]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"{stats}: not a statistics file" in err, err
+    assert not (tmp_path / "student").exists()
 
 
 def test_calibrate_rejects_bad_data(calib_checkpoint, hf_checkpoint, tmp_path):
@@ -241,13 +284,13 @@ def test_calibrate_rejects_bad_data(calib_checkpoint, hf_checkpoint, tmp_path):
 
     path, data = calib_checkpoint
     with pytest.raises(DataError, match="missing.jsonl: data file not found"):
-        calibrate(path, [tmp_path / "missing.jsonl"], seq_len=8, num_seqs=2, show_progress=False)
+        calibrate_files(path, [tmp_path / "missing.jsonl"], seq_len=8, num_seqs=2, show_progress=False)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="empty.jsonl"):
-        calibrate(path, [tmp_path / "empty.jsonl"], seq_len=8, num_seqs=2, show_progress=False)
+        calibrate_files(path, [tmp_path / "empty.jsonl"], seq_len=8, num_seqs=2, show_progress=False)
     small_vocab = hf_checkpoint("moe_gqa_norm_mlponly")  # vocab 160 < the 320 of the tokenizer
     with pytest.raises(DataError, match="vocab_size 160"):
-        calibrate(small_vocab, [data], seq_len=8, num_seqs=2, tokenizer_dir=path, show_progress=False)
+        calibrate_files(small_vocab, [data], seq_len=8, num_seqs=2, tokenizer_dir=path, show_progress=False)
     dense = hf_checkpoint("dense_tied_mha")
     with pytest.raises(ValueError, match="no MoE layers"):
-        calibrate(dense, [data], seq_len=8, num_seqs=2, tokenizer_dir=path, show_progress=False)
+        calibrate_files(dense, [data], seq_len=8, num_seqs=2, tokenizer_dir=path, show_progress=False)

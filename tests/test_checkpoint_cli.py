@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import m2d_jax
+import m2d_jax.pipeline
 from m2d_jax import checkpoint
 from m2d_jax.cli import main as m2d_main
 from m2d_jax.hf.oracle import load_reference, padded_batch
@@ -24,7 +25,8 @@ def test_import_then_restore_is_identical(hf_checkpoint, tmp_path, capsys):
     assert m2d_main(["import", str(src), str(out)]) == 0
     assert checkpoint.is_m2d_checkpoint(out)
     meta = checkpoint.load_metadata(out)
-    assert meta["source"] == str(src.absolute()) and len(meta["source_config_sha256"]) == 64
+    assert meta["kind"] == "imported" and meta["source_model"] == meta["source_hf_dir"] == str(src.absolute())
+    assert len(meta["source_config_sha256"]) == 64 and meta["package_version"] == m2d_jax.__version__
     direct, restored = m2d_jax.from_pretrained(src), m2d_jax.from_pretrained(out)
     assert restored.config == direct.config
     a, b = _params(direct), _params(restored)
@@ -39,7 +41,7 @@ def test_import_then_restore_is_identical(hf_checkpoint, tmp_path, capsys):
 
 
 def test_restore_in_bfloat16_and_onto_a_mesh(hf_checkpoint, tmp_path):
-    out = m2d_jax.api.import_checkpoint(hf_checkpoint("moe_gqa_norm_mlponly"), tmp_path / "ckpt")
+    out = m2d_jax.pipeline.import_checkpoint(hf_checkpoint("moe_gqa_norm_mlponly"), tmp_path / "ckpt")
     bf16 = checkpoint.load_model(out, dtype="bfloat16")
     assert all(v.dtype == jax.numpy.bfloat16 for v in _params(bf16).values())
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "expert"))
@@ -78,7 +80,7 @@ def test_info_counts(hf_checkpoint, name, capsys):
 
 
 def test_info_text_on_m2d_checkpoint(hf_checkpoint, tmp_path, capsys):
-    out = m2d_jax.api.import_checkpoint(hf_checkpoint("moe_gqa_norm_mlponly"), tmp_path / "ckpt")
+    out = m2d_jax.pipeline.import_checkpoint(hf_checkpoint("moe_gqa_norm_mlponly"), tmp_path / "ckpt")
     assert m2d_main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "m2d_jax checkpoint" in text and "qwen3_moe" in text and "active_params" in text

@@ -409,3 +409,157 @@ def test_forced_routing_subset_equals_pruned_student(tmp_path):
     student = build_dense_student(teacher, plans, 2)
     ids, mask = padded_batch(teacher.config.vocab_size, 2, 12, 1)
     np.testing.assert_allclose(np.asarray(student(ids, mask)), np.asarray(teacher(ids, mask)), atol=1e-5, rtol=0)
+
+
+# ---- the conversion stage and its runner: selections, recipes, outputs --------------------------------------
+@pytest.fixture(scope="module")
+def identity_stats(identity_teacher_dir, tmp_path_factory):
+    """Statistics of the identity teacher on random token windows, saved to a file."""
+    from m2d_jax.calibration import calibrate, save_stats
+
+    teacher = m2d_jax.from_pretrained(identity_teacher_dir)
+    windows = np.random.default_rng(0).integers(0, teacher.config.vocab_size, size=(4, 16))
+    stats = calibrate(teacher, windows, gram_tokens=32, batch_size=4, gram_chunk=16)
+    return save_stats(stats, tmp_path_factory.mktemp("stats") / "stats.npz")
+
+
+def _param_arrays(model):
+    from flax import nnx
+
+    return {tuple(k): np.asarray(v.get_value()) for k, v in nnx.state(model, nnx.Param).flat_state()}
+
+
+def test_selection_file_drives_conversion(identity_teacher_dir, identity_stats, tmp_path, capsys):
+    """m2d score --out writes the Selection; m2d convert --selection consumes it: the same student as selecting in
+    the convert command, and as the in-memory stage convert(teacher, stats, selection, recipe)."""
+    from m2d_jax import checkpoint
+    from m2d_jax.calibration import load_stats
+    from m2d_jax.cli import main
+    from m2d_jax.convert import ConversionRecipe, convert
+    from m2d_jax.scoring import load_selection
+
+    selection_file = tmp_path / "selection.json"
+    assert main(["score", "--stats", str(identity_stats), "--scoring", "gld_reap", "--experts", "4",
+                 "--out", str(selection_file)]) == 0
+    assert f"wrote {selection_file}" in capsys.readouterr().out
+    base = ["convert", "--model", str(identity_teacher_dir), "--stats", str(identity_stats), "--groups", "3",
+            "--grouping", "weight_cluster"]
+    assert main(base + ["--selection", str(selection_file), "--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--scoring", "gld_reap", "--experts", "4", "--out", str(tmp_path / "b")]) == 0
+    a, b = checkpoint.load_model(tmp_path / "a"), checkpoint.load_model(tmp_path / "b")
+    stats, selection = load_stats(identity_stats), load_selection(selection_file)
+    teacher = m2d_jax.from_pretrained(identity_teacher_dir)
+    in_memory = convert(teacher, stats, selection, ConversionRecipe(3, "weight_cluster"))
+    want = _param_arrays(in_memory)
+    for model in (a, b):
+        got = _param_arrays(model)
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
+    meta = checkpoint.load_metadata(tmp_path / "a")
+    assert meta["selection"] == selection.to_dict() and meta["stats_sha256"] == stats.digest()
+    # the library validates what the CLI passes through
+    capsys.readouterr()
+    truncated = tmp_path / "truncated.json"
+    truncated.write_bytes(selection_file.read_bytes()[:100])
+    for extra, message in ((["--selection", str(selection_file), "--scoring", "reap"], "not both"),
+                           ([], "--experts"), (["--selection", str(tmp_path / "none.json")], "not found"),
+                           (["--selection", str(truncated)], f"{truncated}: not a selection file")):
+        assert main(base + extra + ["--out", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert main(["convert", "--model", str(identity_teacher_dir), "--experts", "4", "--groups", "3", "--out",
+                 str(tmp_path / "c")]) == 2
+    assert "--stats" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_selection_from_other_statistics_is_rejected(identity_teacher_dir, identity_stats):
+    from m2d_jax.calibration import CalibrationStats, load_stats
+    from m2d_jax.convert import ConversionRecipe, convert
+    from m2d_jax.errors import SelectionError
+    from m2d_jax.scoring import select_experts
+
+    stats = load_stats(identity_stats)
+    other = CalibrationStats(stats.sums._replace(tokens=stats.sums.tokens * 2), stats.metadata)
+    teacher = m2d_jax.from_pretrained(identity_teacher_dir)
+    with pytest.raises(SelectionError, match="made from other statistics"):
+        convert(teacher, stats, select_experts(other, "reap", 4), ConversionRecipe(4))
+    with pytest.raises(ValueError, match="unknown grouping 'nope'"):
+        ConversionRecipe(2, "nope")
+    with pytest.raises(ValueError, match="groups=0"):
+        ConversionRecipe(0)
+
+
+@pytest.mark.parametrize("random_ffn", [False, True], ids=["convert", "random_ffn"])
+def test_outputs_are_checked_first_and_written_all_or_nothing(identity_teacher_dir, identity_stats, tmp_path,
+                                                              capsys, monkeypatch, random_ffn):
+    """--out A --hf-out B where B cannot be written: a one-line error before any work, A is not left behind, and
+    the rerun with a good B succeeds. A writer failing after A was written also leaves nothing."""
+    from m2d_jax import checkpoint
+    from m2d_jax.cli import main
+    from m2d_jax.errors import OutputError
+    from m2d_jax.hf import export
+    from m2d_jax.pipeline import random_ffn_checkpoint
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    out = tmp_path / "student"
+    base = ["convert", "--model", str(identity_teacher_dir), "--groups", "4", "--out", str(out)]
+    base += ["--random-ffn"] if random_ffn else ["--stats", str(identity_stats), "--experts", "4"]
+    assert main(base + ["--hf-out", str(blocker / "hf")]) == 2
+    assert f"{blocker} is not a directory" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(base + ["--hf-out", str(out)]) == 2
+    assert "overlap" in capsys.readouterr().err
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "export_model", broken_export)
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(base + ["--hf-out", str(tmp_path / "hf")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing staged, nothing renamed
+    monkeypatch.undo()
+    assert main(base + ["--hf-out", str(tmp_path / "hf")]) == 0
+    assert checkpoint.is_m2d_checkpoint(out) and (tmp_path / "hf" / "config.json").exists()
+    with pytest.raises(OutputError, match="overlap"):
+        random_ffn_checkpoint(identity_teacher_dir, 4, tmp_path / "x", tmp_path / "x" / "hf")
+
+
+@pytest.mark.parametrize("num_selected,k", [(7, 3), (5, 2), (9, 4), (4, 3)])
+def test_k_need_not_divide_num_selected(num_selected, k):
+    """K not a multiple of k is allowed: round-robin groups differ in size by at most one (rank r -> group r mod
+    k), the clustering groupings give any sizes >= 1."""
+    rng = np.random.default_rng(num_selected * 10 + k)
+    selected = rng.permutation(12)[:num_selected]
+    labels = grouping.group_labels("round_robin", selected, k)
+    sizes = np.bincount(labels, minlength=k)
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == num_selected
+    np.testing.assert_array_equal(labels, np.arange(num_selected) % k)
+    features = rng.normal(size=(12, 10))
+    for method, kwargs in (("weight_cluster", {"weight_gram": features @ features.T}),
+                           ("output_cluster", {"mean_output": features})):
+        sizes = np.bincount(grouping.group_labels(method, selected, k, **kwargs), minlength=k)
+        assert sizes.min() >= 1 and sizes.sum() == num_selected
+
+
+def test_round_robin_with_uneven_groups_builds_the_merged_student(identity_teacher_dir):
+    """K = 4 -> k = 3 round robin: groups {o0, o3}, {o1}, {o2}; the student's FFN of every MoE layer is
+    sum_g c_g f~_g (uniform c_g = 1/3) with f~_g the score-weighted merge of its group."""
+    teacher = m2d_jax.from_pretrained(identity_teacher_dir)
+    order = [2, 0, 3, 1]
+    scores = np.array([[0.4, 0.3, 0.2, 0.1]] * 2)
+    plans = plan_conversion(teacher, np.tile(order, (2, 1)), scores, 3, "round_robin", "uniform")
+    for plan in plans.values():
+        assert sorted(map(sorted, plan.groups)) == sorted([sorted([2, 1]), [0], [3]])
+        np.testing.assert_allclose(plan.scales, np.full(3, 1 / 3))
+        merged = [g for g in plan.groups if len(g) == 2][0]
+        row = plan.alpha[list(plan.groups).index(merged)]
+        np.testing.assert_allclose(row[[2, 1]], scores[0, [2, 1]] / scores[0, [2, 1]].sum())
+    student = build_dense_student(teacher, plans, 3)
+    t, s = _param_arrays(teacher), _param_arrays(student)
+    for layer, stack in ((0, 0), (2, 2)):
+        plan = plans[layer]
+        down = np.concatenate([c * np.einsum("e,emd->md", a, t[("stacks", stack, "moe", "down_proj")][0])
+                               for a, c in zip(plan.alpha, plan.scales)], axis=0)
+        np.testing.assert_allclose(s[("stacks", 0, "mlp", "down_proj", "kernel")][layer], down, rtol=1e-6, atol=1e-7)

@@ -178,14 +178,15 @@ def test_family_student_and_teacher_export_round_trip(tmp_path, name, k):
 def test_random_ffn_from_imported_teacher_exports_with_teacher_tokenizer(teacher_dir, tmp_path):
     """Provenance follows an imported (Orbax) teacher back to its HF directory: the baseline's export finds the
     tokenizer and generation config there without --tokenizer-from."""
-    from m2d_jax.api import import_checkpoint
-    from m2d_jax.convert import convert_random_ffn
+    from m2d_jax.pipeline import import_checkpoint, random_ffn_checkpoint
 
     imported = import_checkpoint(teacher_dir, tmp_path / "teacher")
-    baseline = convert_random_ffn(imported, 2, tmp_path / "baseline", seed=1)
+    baseline = random_ffn_checkpoint(imported, 2, tmp_path / "baseline", seed=1)
     meta = checkpoint.load_metadata(baseline)
     assert meta["kind"] == "random_ffn" and meta["source_hf_dir"] == str(teacher_dir.absolute())
-    assert meta["source_model"] == str(imported.absolute())
+    assert meta["source_model"] == str(imported.absolute()) and meta["recipe"]["groups"] == 2
+    # a record that names its source model only (as distillation writes it) is followed through that checkpoint
+    assert hf_export.teacher_hf_dir({"kind": "distilled", "source": str(baseline)}) == teacher_dir.absolute()
     out = hf_export.export_checkpoint(baseline, tmp_path / "hf", progress=False)
     assert (out / "generation_config.json").read_bytes() == (teacher_dir / "generation_config.json").read_bytes()
     model = checkpoint.load_model(baseline)
@@ -197,24 +198,29 @@ def test_random_ffn_from_imported_teacher_exports_with_teacher_tokenizer(teacher
 def test_cli_calibrate_convert_export_end_to_end(teacher_dir, tmp_path, capsys):
     """calibrate -> m2d convert (gld_reap, router_cluster, K=4 -> k=2) --hf-out -> transformers; m2d export of the
     checkpoint gives the same files; bad inputs fail clearly without writing anything."""
-    from m2d_jax.calibration import calibrate, save_stats
+    from m2d_jax.calibration import load_stats
     from m2d_jax.data import EMBEDDED_CORPUS
+    from m2d_jax.pipeline import calibrate_files
 
-    stats = save_stats(calibrate(teacher_dir, [EMBEDDED_CORPUS], seq_len=32, num_seqs=16, gram_tokens=128,
-                                 batch_size=8, show_progress=False), tmp_path / "stats.npz")
+    stats = tmp_path / "stats.npz"
+    calibrate_files(teacher_dir, [EMBEDDED_CORPUS], stats, seq_len=32, num_seqs=16, gram_tokens=128, batch_size=8,
+                    show_progress=False)
     ckpt, hf_dir = tmp_path / "student", tmp_path / "student_hf"
     args = ["convert", "--model", str(teacher_dir), "--stats", str(stats), "--scoring", "gld_reap", "--grouping",
             "router_cluster", "--dp-scaling", "uniform", "--experts", "4", "--groups", "2", "--out", str(ckpt),
             "--hf-out", str(hf_dir)]
     assert m2d_main(args) == 0
     meta = checkpoint.load_metadata(ckpt)
-    assert meta["scoring"] == "gld_reap" and meta["grouping"] == "router_cluster" and meta["experts_selected"] == 4
-    assert meta["groups"] == 2 and len(meta["stats_sha256"]) == 64 and meta["teacher_family"] == "qwen3_moe"
-    assert meta["source_hf_dir"] == str(teacher_dir.absolute())
+    assert meta["kind"] == "dense_student" and meta["selection"]["scoring"] == "gld_reap"
+    assert meta["selection"]["num_selected"] == 4 and meta["recipe"] == {"groups": 2, "grouping": "router_cluster",
+                                                                          "dp_scaling": "uniform"}
+    assert meta["stats_sha256"] == load_stats(stats).digest() == meta["selection"]["stats_sha256"]
+    assert meta["details"]["teacher_family"] == "qwen3_moe"
+    assert meta["source_model"] == meta["source_hf_dir"] == str(teacher_dir.absolute())
     for layer in ("0", "2"):
-        groups = meta["layers"][layer]["groups"]
+        groups = meta["details"]["layers"][layer]["groups"]
         assert len(groups) == 2 and sum(map(len, groups)) == 4
-        np.testing.assert_allclose(meta["layers"][layer]["scales"], [0.5, 0.5])
+        np.testing.assert_allclose(meta["details"]["layers"][layer]["scales"], [0.5, 0.5])
     student = checkpoint.load_model(ckpt)
     ids, mask = padded_batch(student.config.vocab_size, 2, 12, 3)
     np.testing.assert_allclose(np.asarray(student(ids, mask)), reference_logits(hf_dir, ids, mask), atol=1e-4,
@@ -238,9 +244,12 @@ def test_cli_calibrate_convert_export_end_to_end(teacher_dir, tmp_path, capsys):
 
     fails([("--experts", "9")], "K=9")  # K > E
     fails([("--groups", "5")], "k=5 groups")  # k > K
-    fails([("--scoring", "magic")], "unknown scoring 'magic'")
-    fails([("--grouping", "kmeans")], "unknown grouping 'kmeans'")
-    fails([("--dp-scaling", "equal")], "unknown DP scaling 'equal'")
+    for flag, value in (("--scoring", "magic"), ("--grouping", "kmeans"), ("--dp-scaling", "equal")):
+        changed = list(args)
+        changed[changed.index(flag) + 1] = value
+        with pytest.raises(SystemExit):  # the choices come from the library's constants
+            m2d_main(changed)
+        assert f"invalid choice: '{value}'" in capsys.readouterr().err
     fails([("--groups", "1")], "wider than the student's FFN width 32")  # dense layer 64 > k*m = 32
     assert m2d_main(args) == 2 and "already exists" in capsys.readouterr().err
     # the random-FFN baseline through the same command

@@ -11,6 +11,7 @@ import safetensors.numpy
 import safetensors.torch
 
 import m2d_jax
+import m2d_jax.pipeline
 from m2d_jax.cli import main as m2d_main
 from m2d_jax.hf import CheckpointError, SafetensorsCheckpoint, hf_tensors
 from m2d_jax.hf.oracle import load_reference, padded_batch, reference_logits
@@ -85,7 +86,7 @@ def test_params_are_scanned_and_carry_logical_axes(hf_checkpoint):
 def _import_error(tmp_path, hf_dir, match):
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match=match):
-        m2d_jax.api.import_checkpoint(hf_dir, out)
+        m2d_jax.pipeline.import_checkpoint(hf_dir, out)
     assert not out.exists()
     assert not list(tmp_path.glob(".out.tmp-*"))  # nothing half-written left behind
     assert m2d_main(["import", str(hf_dir), str(out)]) == 2

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from m2d_jax.selection import greedy_logdet, importance_order, logdet_kernel
+from m2d_jax.scoring import greedy_logdet, importance_order, logdet_kernel
 
 
 def random_gram(rng, layers, experts, dim, rank=None):
@@ -160,3 +160,16 @@ def test_bad_inputs():
         greedy_logdet(np.full((1, 4, 4), np.nan), 2)
     with pytest.raises(ValueError, match="kernel="):
         logdet_kernel(np.eye(4)[None], np.ones((1, 4)), kernel="rbf")
+
+
+def test_cosine_diagonal_is_exactly_one_so_equal_importances_tie_exactly():
+    """G_ii / sqrt(G_ii)^2 is 1 ulp off 1 for many G_ii: the kernel diagonal must not carry that rounding, or an
+    exact tie (beta = 0, or equal importances) goes to whichever expert rounded up instead of the fill order."""
+    rng = np.random.default_rng(11)
+    gram = random_gram(rng, 4, 40, 80)
+    for importance, beta in ((rng.uniform(0.1, 1.0, size=(4, 40)), 0.0), (np.full((4, 40), 0.3), 0.5)):
+        kernel = logdet_kernel(gram, importance, beta=beta)
+        diag = np.diagonal(kernel, axis1=1, axis2=2)
+        np.testing.assert_array_equal(diag, np.broadcast_to(diag[:, :1], diag.shape))
+        order = np.stack([rng.permutation(40) for _ in range(4)])
+        np.testing.assert_array_equal(greedy_logdet(kernel, 1, fill_order=order).selected[:, 0], order[:, 0])

@@ -1,109 +1,83 @@
-"""``m2d convert``: teacher + calibration statistics -> dense student checkpoint (and optionally an HF export)."""
+"""The conversion stage in memory: ``convert(teacher, stats, selection, recipe) -> student`` (docs/METHOD.md).
+
+The ``Selection`` (``m2d_jax.scoring``) says which K experts each MoE layer keeps and their merge / DP weights; the
+``ConversionRecipe`` how they become one dense FFN (k groups, the grouping, the DP scaling); the statistics supply
+what grouping and DP scaling read (router-logit moment, mean expert outputs, routed mass, conditional
+probabilities), derived once here. Reading and writing files is ``m2d_jax.pipeline``'s job.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
-from pathlib import Path
+import dataclasses
 
 import numpy as np
 
+from m2d_jax.calibration import CalibrationStats
+from m2d_jax.convert.dense import LayerPlan
 from m2d_jax.convert.plan import MEAN_OUTPUT, ROUTER_MOMENT, check_counts, check_methods, plan_conversion
 from m2d_jax.convert.student import build_dense_student, build_random_ffn_student, student_rule
-
-log = logging.getLogger(__name__)
-
-
-def _teacher_source(model_path: Path) -> dict:
-    """Provenance of the teacher: its path and its HF directory (an imported teacher records its own source)."""
-    from m2d_jax import checkpoint
-    from m2d_jax.hf.export import teacher_hf_dir
-
-    meta = {"source_model": str(model_path.absolute())}
-    hf_dir = teacher_hf_dir({"source": str(model_path.absolute())})
-    if hf_dir is not None:
-        meta["source_hf_dir"] = str(hf_dir.absolute())
-        meta["source_config_sha256"] = checkpoint.file_sha256(hf_dir / "config.json")
-    elif checkpoint.is_m2d_checkpoint(model_path):
-        meta["source_config_sha256"] = checkpoint.load_metadata(model_path).get("source_config_sha256")
-    return meta
+from m2d_jax.models import CausalLM
 
 
-def grouping_statistics(stats) -> dict[str, np.ndarray]:
-    """What the groupings read from calibration sums: Z = E_t[z z^T] [L, E, E] and mu = E_U[f_e] [L, E, d]."""
+@dataclasses.dataclass(frozen=True)
+class ConversionRecipe:
+    """How the K selected experts of every MoE layer become one dense FFN: ``groups`` (k) groups formed by
+    ``grouping`` (``GROUPINGS``), merged with the selection's weight scores and scaled by ``dp_scaling``
+    (``DP_SCALINGS``). K need not be a multiple of k: round-robin groups differ in size by at most one, the
+    clustering groupings give any sizes >= 1."""
+    groups: int
+    grouping: str = "round_robin"
+    dp_scaling: str = "uniform"
+
+    def __post_init__(self):
+        check_methods(self.grouping, self.dp_scaling)
+        if isinstance(self.groups, bool) or not isinstance(self.groups, (int, np.integer)) or self.groups < 1:
+            raise ValueError(f"groups={self.groups!r}: expected an integer k >= 1")
+
+    def to_dict(self) -> dict:
+        return {"groups": int(self.groups), "grouping": self.grouping, "dp_scaling": self.dp_scaling}
+
+
+def conversion_statistics(stats: CalibrationStats) -> dict[str, np.ndarray]:
+    """What grouping and DP scaling read from the calibration sums, per MoE layer: Z = E_t[z z^T] [L, E, E],
+    mu = E_U[f_e] [L, E, d], the routed mass E_t[sum_e w_e(t)] [L] (rho included) and CP [L, E]."""
+    from m2d_jax.scoring import score
+
     sums = stats.sums
     return {ROUTER_MOMENT: sums.router_logit_moment / sums.tokens[:, None, None],
-            MEAN_OUTPUT: sums.mean_output / np.maximum(sums.gram_tokens, 1)[:, None, None]}
+            MEAN_OUTPUT: sums.sum_output / np.maximum(sums.gram_tokens, 1)[:, None, None],
+            "routed_mass": sums.sum_applied_weight.sum(-1) / sums.tokens,
+            "conditional_prob": score(stats, "conditional_prob")}
 
 
-def convert(model_path: str | Path, stats_path: str | Path, scoring: str, grouping: str, dp_scaling: str,
-            num_selected: int, k: int, out: str | Path, hf_out: str | Path | None = None, dtype: str = "float32",
-            overwrite: bool = False, progress: bool = True, **scoring_options) -> Path:
-    """Select K experts per MoE layer with ``scoring``, group them into k groups, merge, scale and concatenate them
-    into the teacher family's dense student; save it as an m2d_jax checkpoint at ``out`` (and as HF at
-    ``hf_out``). Returns ``out``."""
-    import m2d_jax
-    from m2d_jax import __version__, checkpoint
-    from m2d_jax.calibration import load_stats
-    from m2d_jax.scoring import SCORINGS, score, select_experts
-
-    started = time.perf_counter()
-    if scoring not in SCORINGS:
-        raise ValueError(f"unknown scoring {scoring!r} (expected one of {', '.join(SCORINGS)})")
-    check_methods(grouping, dp_scaling)
-    checkpoint.ensure_new_output(out, hf_out, overwrite=overwrite)
-    model_path, stats_path = Path(model_path), Path(stats_path)
-    stats = load_stats(stats_path)
-    teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
+def conversion_plans(teacher: CausalLM, stats: CalibrationStats, selection, recipe: ConversionRecipe
+                     ) -> dict[int, LayerPlan]:
+    """One ``LayerPlan`` per MoE layer (keyed by global layer index) after checking that ``stats`` were collected
+    on ``teacher`` and ``selection`` was made from ``stats``."""
     config = teacher.config
     if not config.is_moe:
-        raise ValueError(f"{model_path}: the {config.family} model has no MoE layers to convert")
-    student_rule(config.family)  # unsupported family: fail before selection
-    check_counts(config.num_experts, num_selected, k)
-    selected, weight_scores = select_experts(stats, scoring, num_selected, config, **scoring_options)
-    sums = stats.sums
-    routed_mass = sums.sum_applied_weight.sum(-1) / sums.tokens  # [L] E_t[sum_e w_e(t)] (rho included)
-    plans = plan_conversion(teacher, selected, weight_scores, k, grouping, dp_scaling, grouping_statistics(stats),
-                            routed_mass=routed_mass, conditional_prob=score(sums, "conditional_prob"))
-    student = build_dense_student(teacher, plans, k, progress)
-    metadata = {
-        "kind": "dense_student", "family": student.config.family, "teacher_family": config.family,
-        **_teacher_source(model_path), "stats": str(stats_path.absolute()),
-        "stats_sha256": checkpoint.file_sha256(stats_path),
-        "scoring": scoring, "scoring_options": scoring_options, "grouping": grouping, "dp_scaling": dp_scaling,
-        "experts_selected": num_selected, "groups": k,
-        "layers": {str(layer): {"groups": [list(g) for g in plan.groups], "scales": plan.scales.tolist()}
-                   for layer, plan in plans.items()},
-        "m2d_jax_version": __version__,
-    }
-    saved = checkpoint.save_model(student, out, metadata, overwrite=overwrite)
-    if hf_out is not None:
-        from m2d_jax.hf.export import export_model
-
-        export_model(student, hf_out, metadata.get("source_hf_dir"), overwrite=overwrite, progress=progress)
-    log.info("converted %s -> %s (K=%d, k=%d, %s/%s/%s) in %.1fs", model_path, saved, num_selected, k, scoring,
-             grouping, dp_scaling, time.perf_counter() - started)
-    return saved
+        raise ValueError(f"the {config.family} model has no MoE layers to convert")
+    student_rule(config.family)  # an unsupported family fails before any work
+    stats.check_model(config)
+    selection.check_stats(stats)
+    check_counts(config.num_experts, selection.num_selected, recipe.groups)
+    derived = conversion_statistics(stats)
+    return plan_conversion(teacher, selection.selected, selection.weight_scores, recipe.groups, recipe.grouping,
+                           recipe.dp_scaling, derived, routed_mass=derived["routed_mass"],
+                           conditional_prob=derived["conditional_prob"])
 
 
-def convert_random_ffn(model_path: str | Path, k: int, out: str | Path, hf_out: str | Path | None = None,
-                       dtype: str = "float32", seed: int = 0, overwrite: bool = False) -> Path:
-    """The random-FFN baseline (SPEC §7.2) as a checkpoint: student architecture, teacher attention/embeddings."""
-    import m2d_jax
-    from m2d_jax import __version__, checkpoint
+def convert(teacher: CausalLM, stats: CalibrationStats, selection, recipe: ConversionRecipe,
+            progress: bool = False) -> CausalLM:
+    """The dense student of ``teacher``: the selected experts of every MoE layer grouped, merged, scaled and
+    concatenated into the teacher family's dense (or one-expert) student form."""
+    return build_dense_student(teacher, conversion_plans(teacher, stats, selection, recipe), recipe.groups, progress)
 
-    checkpoint.ensure_new_output(out, hf_out, overwrite=overwrite)
-    model_path = Path(model_path)
-    teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
-    if not 1 <= k <= teacher.config.num_experts:
-        raise ValueError(f"k={k} groups: must be between 1 and the teacher's E={teacher.config.num_experts} experts")
-    student = build_random_ffn_student(teacher, k, seed)
-    metadata = {"kind": "random_ffn", "family": student.config.family, "teacher_family": teacher.config.family,
-                **_teacher_source(model_path), "groups": k, "seed": seed, "init_std": 0.02,
-                "m2d_jax_version": __version__}
-    saved = checkpoint.save_model(student, out, metadata, overwrite=overwrite)
-    if hf_out is not None:
-        from m2d_jax.hf.export import export_model
 
-        export_model(student, hf_out, metadata.get("source_hf_dir"), overwrite=overwrite)
-    return saved
+def convert_random_ffn(teacher: CausalLM, groups: int, seed: int = 0) -> CausalLM:
+    """The random-FFN baseline: the student architecture of ``groups`` (k) groups with the teacher's embeddings,
+    attention, norms and LM head, and a freshly initialised FFN (normal(0, 0.02), biases 0)."""
+    e = teacher.config.num_experts
+    if not 1 <= groups <= e:
+        raise ValueError(f"k={groups} groups: must be between 1 and the teacher's E={e} experts")
+    return build_random_ffn_student(teacher, groups, seed)

@@ -8,13 +8,13 @@ from ``include_path``) run with their own few-shot setting and report acc_norm i
 from __future__ import annotations
 
 import difflib
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
 import jax
+
+from m2d_jax.artifacts import write_json
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +101,8 @@ def evaluate_tasks(model, tasks: Sequence[str], num_fewshot: int | None = None,
     result = {"tasks": summary, "avg": sum(s["value"] for s in summary.values()) / len(summary),
               "results": raw, "lm_eval_version": lm_eval.__version__}
     if output is not None and jax.process_index() == 0:  # multi-host: every process has the results
-        write_json(result, output)
+        write_json(result, output, overwrite=True)
     return result
-
-
-def write_json(obj, path: str | Path) -> Path:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-    return path
 
 
 def format_table(result: dict) -> str:

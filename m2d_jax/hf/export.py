@@ -97,10 +97,13 @@ def write_sharded(directory: Path, tensors, max_shard_bytes: int = DEFAULT_MAX_S
 
 
 def teacher_hf_dir(metadata: dict) -> Path | None:
-    """The teacher's HF directory recorded in checkpoint metadata (following an imported teacher's own record)."""
+    """The teacher's HF directory recorded in checkpoint metadata (an ``artifacts.Provenance`` record): its
+    ``source_hf_dir``, else its ``source_model``, followed through an m2d_jax checkpoint's own record."""
     from m2d_jax import checkpoint
+    from m2d_jax.artifacts import Provenance
 
-    source = metadata.get("source_hf_dir") or metadata.get("source")
+    record = Provenance.from_dict(metadata)
+    source = record.source_hf_dir or record.source_model
     if not source:
         return None
     source = Path(source)

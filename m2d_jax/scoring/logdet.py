@@ -1,9 +1,9 @@
-"""D-optimal (log-det) greedy expert selection, SPEC §4: jitted array ops, vmapped over layers, float64.
+"""D-optimal (log-det) greedy expert selection (docs/METHOD.md): jitted array ops, vmapped over layers, float64.
 
 Kernel (per layer): ``L = diag(q) C diag(q) + lam I`` with
 
-- ``C`` the cosine-normalised expert-output Gram ``G_ij / sqrt(G_ii G_jj)`` (dead experts, ``G_ii <= dead_tol *
-  max_j G_jj``, get ``C_ii = 1`` and zero off-diagonals), or the raw Gram ``G`` (``kernel="raw"``, SPEC Q4 ablation);
+- ``C`` the cosine-normalised expert-output Gram ``G_ij / sqrt(G_ii G_jj)`` with ``C_ii = 1`` exactly (dead experts,
+  ``G_ii <= dead_tol * max_j G_jj``, get zero off-diagonals), or the raw Gram ``G`` (``kernel="raw"``, SPEC Q4 ablation);
 - ``q_e = (s_e / mean of the positive s)^beta`` from an importance score ``s`` (CP for DO-CP, ACP for DO-ACP),
   ``s`` clamped to ``>= 1e-8 max s`` (``q = 1`` when every score is 0);
 - ``lam = ridge * mean(diag(diag(q) C diag(q)))``.
@@ -14,7 +14,9 @@ O(E K^2) time and O(E K) memory per layer. Properties:
 
 - **nested**: the selection for K is the prefix of the selection for any K' > K (the loop never looks ahead);
 - **deterministic ties**: among exactly equal residuals the expert earliest in ``fill_order`` wins (importance
-  desc, then SF desc, then index asc when called from ``m2d_jax.scoring``; index asc by default);
+  desc, then SF desc, then index asc when called from ``select_experts``; index asc by default). Equal
+  importances give exactly equal kernel diagonals (``C_ii = 1``, equal ``q``), so e.g. ``beta = 0`` picks the most
+  important expert first, and a layer whose importances are all equal starts with the most frequently selected;
 - **early stop**: once the best residual is ``<= stop_tol * max diag(L)`` (it never is with ``ridge > 0``: every
   residual is ``>= lam``), the remaining slots are filled in importance order (score desc, then SF desc, then
   index asc: ``importance_order``); filled slots report gain ``-inf``.
@@ -51,7 +53,8 @@ def _kernel_one(gram, importance, beta, ridge, dead_tol, cosine: bool):
         sim = gram * scale[:, None] * scale[None, :]
         live = ~dead
         sim = jnp.where(live[:, None] & live[None, :], sim, 0.0)
-        sim = sim.at[jnp.diag_indices_from(sim)].set(jnp.where(dead, 1.0, jnp.diagonal(sim)))
+        # exactly 1, dead or live: G_ii / sqrt(G_ii)^2 can be 1 ulp off, which would break exact ties
+        sim = sim.at[jnp.diag_indices_from(sim)].set(1.0)
     else:
         sim = gram
     s_max = jnp.max(importance)

@@ -1,0 +1,211 @@
+"""The path-level stage runners the CLI and the demo call: files in, artifacts out.
+
+Each runner checks every output before any work (``artifacts.check_outputs``), reads its inputs once, calls the
+in-memory stage (``calibration.calibrate``, ``scoring.select_experts``, ``convert.convert``), records a
+``Provenance`` and writes its outputs atomically (several outputs all or nothing: ``artifacts.write_outputs``).
+The numerics live in the stage packages; nothing here computes.
+
+- ``import_checkpoint``: HF directory -> m2d_jax checkpoint;
+- ``calibrate_files``: teacher + text files -> ``CalibrationStats`` (a statistics file);
+- ``select_from_files``: statistics files -> ``Selection`` (a selection file);
+- ``convert_checkpoint``: teacher + statistics + (a selection file | a scoring and K) -> student checkpoint (+ HF);
+- ``random_ffn_checkpoint``: the random-FFN baseline checkpoint (+ HF).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+from m2d_jax.artifacts import Provenance, check_outputs, file_sha256, write_outputs
+from m2d_jax.calibration import CalibrationStats
+from m2d_jax.convert import ConversionRecipe
+from m2d_jax.scoring import Selection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCORING = "gld_reap"  # DO-ACP, the paper's best scoring: used when converting without a selection file
+
+
+def source_provenance(model_path: str | Path) -> dict:
+    """``Provenance`` fields of a model made from ``model_path`` (an HF directory or an m2d_jax checkpoint): the
+    path, the HF directory at the root of its chain (an imported or converted checkpoint records its own) and the
+    sha256 of that directory's config.json."""
+    from m2d_jax import checkpoint
+    from m2d_jax.hf.export import teacher_hf_dir
+
+    path = Path(model_path).absolute()
+    if checkpoint.is_m2d_checkpoint(path):
+        metadata = checkpoint.load_metadata(path)
+        hf_dir = teacher_hf_dir(metadata)
+        config_sha = Provenance.from_dict(metadata).source_config_sha256
+    else:
+        hf_dir = path if (path / "config.json").exists() else None
+        config_sha = None
+    if hf_dir is not None:
+        config_sha = file_sha256(hf_dir / "config.json")
+    return {"source_model": str(path), "source_hf_dir": None if hf_dir is None else str(Path(hf_dir).absolute()),
+            "source_config_sha256": config_sha}
+
+
+def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
+                      overwrite: bool = False) -> Path:
+    """``m2d import``: stream an HF checkpoint into an m2d_jax (Orbax) checkpoint directory."""
+    from m2d_jax import checkpoint
+    from m2d_jax.hf import load_hf
+
+    check_outputs(out_dir, overwrite=overwrite)
+    model = load_hf(Path(hf_dir), dtype=dtype)
+    provenance = Provenance("imported", **source_provenance(hf_dir))
+    return checkpoint.save_model(model, out_dir, provenance.to_dict(), overwrite=overwrite)
+
+
+def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], out: str | Path | None = None,
+                    seq_len: int = 2048, num_seqs: int = 512, gram_tokens: int = 32768, batch_size: int = 8,
+                    seed: int = 0, gram_chunk: int = 256, tokenizer_dir: str | Path | None = None,
+                    text_field: str = "text", shard_index: int = 0, shard_count: int = 1, dtype: str = "float32",
+                    show_progress: bool = True, overwrite: bool = False) -> CalibrationStats:
+    """``m2d calibrate``: statistics of the teacher at ``model_path`` on local text files, saved to ``out`` if given.
+
+    The calibration set is ``num_seqs`` packed windows of ``seq_len`` tokens chosen with ``seed``; this call
+    processes shard ``shard_index`` of ``shard_count`` (combine the shards' results with ``combine_stats``).
+    """
+    import m2d_jax
+    from m2d_jax.calibration import calibrate, calibration_windows, save_stats
+    from m2d_jax.data import DataError, load_tokenizer, pack_documents, read_documents, tokenize_documents
+
+    check_outputs(out, overwrite=overwrite)
+    for name, value in (("seq_len", seq_len), ("num_seqs", num_seqs), ("batch_size", batch_size)):
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    if gram_tokens < 0 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"need gram_tokens >= 0 and 0 <= shard_index < shard_count "
+                         f"(got {gram_tokens}, {shard_index}, {shard_count})")
+    tokenizer = load_tokenizer(tokenizer_dir or model_path)
+    tokens = tokenize_documents(read_documents(data_files, text_field), tokenizer)  # bad data fails before loading
+    teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
+    config = teacher.config
+    if not config.is_moe:
+        raise ValueError(f"{model_path}: {config.family} model has no MoE layers to calibrate")
+    if tokens.max() >= config.vocab_size:
+        raise DataError(f"tokenizer of {tokenizer.directory} produced id {int(tokens.max())} >= the model's "
+                        f"vocab_size {config.vocab_size}")
+    windows = calibration_windows(pack_documents(tokens, seq_len), num_seqs, seed)
+    stats = calibrate(teacher, windows, gram_tokens=gram_tokens, batch_size=batch_size, seed=seed,
+                      gram_chunk=gram_chunk, shard_index=shard_index, shard_count=shard_count,
+                      show_progress=show_progress)
+    stats = CalibrationStats(stats.sums, {**stats.metadata, "model_path": str(Path(model_path).absolute()),
+                                          "data_files": [str(Path(f).absolute()) for f in data_files]})
+    if out is not None:
+        save_stats(stats, out, overwrite=overwrite)
+    return stats
+
+
+def load_statistics(paths: str | Path | Sequence[str | Path]) -> CalibrationStats:
+    """One statistics file, or the sum of several shards' files (``combine_stats``)."""
+    from m2d_jax.calibration import combine_stats, load_stats
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("no statistics file given")
+    return combine_stats(*(load_stats(p) for p in paths))
+
+
+def select_from_files(stats_paths: str | Path | Sequence[str | Path], scoring: str, num_selected: int,
+                      out: str | Path | None = None, model: str | Path | None = None, overwrite: bool = False,
+                      **options) -> Selection:
+    """``m2d score``: select K experts per MoE layer from statistics files (shards are summed), saved to ``out``
+    as a selection file if given. ``model`` (a checkpoint; only its config is read) checks that the statistics
+    belong to it."""
+    from m2d_jax.scoring import save_selection, select_experts
+
+    check_outputs(out, overwrite=overwrite)
+    stats = load_statistics(stats_paths)
+    if model is not None:
+        from m2d_jax.info import load_config
+
+        stats.check_model(load_config(model)[0])
+    selection = select_experts(stats, scoring, num_selected, **options)
+    if out is not None:
+        save_selection(selection, out, overwrite=overwrite)
+    return selection
+
+
+def _write_student(student, out, hf_out, provenance: Provenance, overwrite: bool, progress: bool) -> Path:
+    """The student checkpoint at ``out`` and, if given, its HF export at ``hf_out``: both or neither."""
+    from m2d_jax import checkpoint
+    from m2d_jax.hf.export import export_model
+
+    metadata = provenance.to_dict()
+    write_outputs({out: lambda path: checkpoint.save_model(student, path, metadata),
+                   hf_out: lambda path: export_model(student, path, provenance.source_hf_dir, progress=progress)},
+                  overwrite=overwrite)
+    return Path(out).absolute()
+
+
+def convert_checkpoint(model_path: str | Path, stats_paths: str | Path | Sequence[str | Path] | None,
+                       recipe: ConversionRecipe, out: str | Path, hf_out: str | Path | None = None,
+                       selection: str | Path | Selection | None = None, scoring: str | None = None,
+                       num_selected: int | None = None, scoring_options: dict | None = None,
+                       dtype: str = "float32", overwrite: bool = False, progress: bool = True) -> Path:
+    """``m2d convert``: the dense student of the teacher at ``model_path`` as an m2d_jax checkpoint at ``out`` (and
+    an HF directory at ``hf_out``: both or neither are written). Returns ``out``.
+
+    The experts come from ``selection`` (a selection file or a ``Selection`` made from these statistics), or are
+    selected here with ``scoring`` (default ``DEFAULT_SCORING``), ``num_selected`` (K) and ``scoring_options``.
+    """
+    import m2d_jax
+    from m2d_jax.convert import build_dense_student, conversion_plans
+    from m2d_jax.scoring import load_selection, select_experts
+
+    started = time.perf_counter()
+    check_outputs(out, hf_out, overwrite=overwrite)
+    if stats_paths is None or (not isinstance(stats_paths, (str, Path)) and not list(stats_paths)):
+        raise ValueError("conversion needs the calibration statistics (--stats), or use the random-FFN baseline")
+    if selection is not None and (scoring is not None or num_selected is not None or scoring_options):
+        raise ValueError("give a selection (--selection) or a scoring with K (--scoring, --experts), not both")
+    if selection is None and num_selected is None:
+        raise ValueError("K, the experts kept per MoE layer (--experts), is required to select them "
+                         "(or give a selection file: --selection)")
+    if isinstance(selection, (str, Path)):
+        selection = load_selection(selection)
+    stats = load_statistics(stats_paths)
+    if selection is None:
+        selection = select_experts(stats, scoring or DEFAULT_SCORING, num_selected, **(scoring_options or {}))
+    selection.check_stats(stats)
+    teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
+    plans = conversion_plans(teacher, stats, selection, recipe)
+    student = build_dense_student(teacher, plans, recipe.groups, progress)
+    layers = {str(layer): {"groups": [list(g) for g in plan.groups], "scales": plan.scales.tolist()}
+              for layer, plan in plans.items()}
+    provenance = Provenance("dense_student", **source_provenance(model_path), stats_sha256=stats.digest(),
+                            selection=selection.to_dict(), recipe=recipe.to_dict(),
+                            details={"family": student.config.family, "teacher_family": teacher.config.family,
+                                     "layers": layers})
+    saved = _write_student(student, out, hf_out, provenance, overwrite, progress)
+    log.info("converted %s -> %s (K=%d, k=%d, %s/%s/%s) in %.1fs", model_path, saved, selection.num_selected,
+             recipe.groups, selection.scoring, recipe.grouping, recipe.dp_scaling, time.perf_counter() - started)
+    return saved
+
+
+def random_ffn_checkpoint(model_path: str | Path, groups: int, out: str | Path, hf_out: str | Path | None = None,
+                          dtype: str = "float32", seed: int = 0, overwrite: bool = False,
+                          progress: bool = True) -> Path:
+    """``m2d convert --random-ffn``: the random-FFN baseline of the teacher at ``model_path`` (student architecture
+    of k = ``groups`` groups, teacher attention and embeddings, fresh FFN) at ``out`` (and ``hf_out``)."""
+    import m2d_jax
+    from m2d_jax.convert import convert_random_ffn
+
+    check_outputs(out, hf_out, overwrite=overwrite)
+    teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
+    student = convert_random_ffn(teacher, groups, seed)
+    provenance = Provenance("random_ffn", **source_provenance(model_path),
+                            recipe={"groups": int(groups), "seed": seed, "init_std": 0.02},
+                            details={"family": student.config.family, "teacher_family": teacher.config.family})
+    return _write_student(student, out, hf_out, provenance, overwrite, progress)
+
+
+__all__ = ["DEFAULT_SCORING", "calibrate_files", "convert_checkpoint", "import_checkpoint", "load_statistics",
+           "random_ffn_checkpoint", "select_from_files", "source_provenance"]
