@@ -1,4 +1,4 @@
-"""Train-state checkpoints: Orbax ``CheckpointManager`` over {state: params, optimizer state, step, RNG; data:
+"""Train-state checkpoints: Orbax ``CheckpointManager`` over {state: params, optimizer state, step; data:
 the grain iterator state}. Saves asynchronously every N steps, keeps the last n, and writes each checkpoint to a
 temporary directory that Orbax renames when complete (a crash never leaves a half-written step)."""
 
