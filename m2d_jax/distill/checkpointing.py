@@ -1,6 +1,7 @@
 """Train-state checkpoints: Orbax ``CheckpointManager`` over {state: params, optimizer state, step; data:
 the grain iterator state}. Saves asynchronously every N steps, keeps the last n, and writes each checkpoint to a
-temporary directory that Orbax renames when complete (a crash never leaves a half-written step)."""
+temporary directory that Orbax renames when complete: a crash never leaves a half-written step, only a temporary
+directory that is not a step (never restored) and that the next run removes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ class TrainCheckpointer:
     def __init__(self, directory: str | Path, every: int, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
         self.every = every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:

@@ -1,0 +1,95 @@
+"""A run that kills itself with SIGKILL in the middle of a write; started by tests/test_faults.py.
+
+    python tests/fault_worker.py distill JOB.json
+    python tests/fault_worker.py export JOB.json
+
+distill: JOB.json = {"models", "workdir", "changes", "kill_step", "kill_point"} runs ``distill.train.run`` on
+``distill_helpers.tiny_config(models, workdir, **changes)`` and dies while Orbax writes the train checkpoint of step
+``kill_step``: at ``kill_point`` "finalize" (every array and the data state are in the temporary step directory, the
+commit has not started) or "rename" (the commit marker is written, the temporary directory is about to be renamed to
+the step's name).
+
+export: JOB.json = {"checkpoint", "out", "max_shard_bytes", "kill_after_files"} runs
+``hf.export.export_checkpoint`` and dies right after the ``kill_after_files``-th safetensors file is complete.
+
+Either way the process must not exit normally: exit code 3 says the kill point was never reached.
+"""
+
+import json
+import os
+import signal
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def die():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_during_checkpoint(step: int, point: str) -> None:
+    """Make Orbax's atomic-rename commit of step directory ``step`` kill the process at ``point``."""
+    from orbax.checkpoint._src.path import async_path, atomicity
+
+    def is_target(final_path) -> bool:
+        return os.path.basename(str(final_path)) == str(step)
+
+    if point == "finalize":
+        original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+        async def finalize(self):
+            if is_target(self.get_final()):
+                die()
+            return await original_finalize(self)
+
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    elif point == "rename":
+        original_rename = async_path.rename
+
+        async def rename(src, dst):
+            if is_target(dst):
+                assert os.path.exists(os.path.join(str(src), atomicity.COMMIT_SUCCESS_FILE)), src
+                die()
+            return await original_rename(src, dst)
+
+        async_path.rename = rename
+    else:
+        raise ValueError(f"kill_point {point!r}")
+
+
+def distill(job: dict) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from distill_helpers import tiny_config
+    from m2d_jax.distill import train
+
+    kill_during_checkpoint(job["kill_step"], job["kill_point"])
+    train.run(tiny_config(job["models"], job["workdir"], **job["changes"]))
+
+
+def export(job: dict) -> None:
+    from m2d_jax.hf import export as hf_export
+
+    original_write, written = hf_export.write_safetensors, []
+
+    def write_safetensors(path, tensors):
+        original_write(path, tensors)
+        written.append(path)
+        if len(written) == job["kill_after_files"]:
+            die()
+
+    hf_export.write_safetensors = write_safetensors
+    hf_export.export_checkpoint(job["checkpoint"], job["out"], max_shard_bytes=job["max_shard_bytes"],
+                                overwrite=job.get("overwrite", False), progress=False)
+
+
+def main():
+    kind, job_file = sys.argv[1], sys.argv[2]
+    {"distill": distill, "export": export}[kind](json.loads(open(job_file).read()))
+    sys.exit(3)  # the kill point was never reached
+
+
+if __name__ == "__main__":
+    main()
