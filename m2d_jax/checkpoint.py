@@ -90,13 +90,23 @@ def atomic_directory(out: str | Path, write: Callable[[Path], None], overwrite: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        _replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``. An existing ``out`` is renamed aside first and deleted last, so a crash leaves the
+    old or the new directory under ``out`` (or, between the renames, none), never a partly deleted one."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, aside / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(aside)
 
 
 def _atomic_directory_collective(out: Path, write: Callable[[Path], None]) -> Path:
@@ -109,9 +119,7 @@ def _atomic_directory_collective(out: Path, write: Callable[[Path], None]) -> Pa
         write(tmp)
         sync_processes(f"m2d_atomic_written:{out}")
         if is_primary_process():
-            if out.exists():
-                shutil.rmtree(out)
-            os.rename(tmp, out)
+            _replace(tmp, out)
     finally:
         if is_primary_process() and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

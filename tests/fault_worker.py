@@ -9,16 +9,20 @@ distill: JOB.json = {"models", "workdir", "changes", "kill_step", "kill_point"} 
 commit has not started) or "rename" (the commit marker is written, the temporary directory is about to be renamed to
 the step's name).
 
-export: JOB.json = {"checkpoint", "out", "max_shard_bytes", "kill_after_files"} runs
-``hf.export.export_checkpoint`` and dies right after the ``kill_after_files``-th safetensors file is complete.
+export: JOB.json = {"checkpoint", "out", "tokenizer_from", "max_shard_bytes", "dtype", "overwrite", and
+"kill_after_safetensors": n or "kill_removing_previous_export": true} runs ``hf.export.export_checkpoint`` and dies
+right after its n-th safetensors file is complete, or (overwrite) after the first file of the previous export
+under ``out`` has been deleted.
 
 Either way the process must not exit normally: exit code 3 says the kill point was never reached.
 """
 
 import json
 import os
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -72,16 +76,29 @@ def distill(job: dict) -> None:
 def export(job: dict) -> None:
     from m2d_jax.hf import export as hf_export
 
-    original_write, written = hf_export.write_safetensors, []
+    if "kill_after_safetensors" in job:
+        original_write, written = hf_export.write_safetensors, []
 
-    def write_safetensors(path, tensors):
-        original_write(path, tensors)
-        written.append(path)
-        if len(written) == job["kill_after_files"]:
-            die()
+        def write_safetensors(path, tensors):
+            original_write(path, tensors)
+            written.append(path)
+            if len(written) == job["kill_after_safetensors"]:
+                die()
 
-    hf_export.write_safetensors = write_safetensors
-    hf_export.export_checkpoint(job["checkpoint"], job["out"], max_shard_bytes=job["max_shard_bytes"],
+        hf_export.write_safetensors = write_safetensors
+    if job.get("kill_removing_previous_export"):
+        original_rmtree = shutil.rmtree
+
+        def rmtree(path, *args, **kwargs):
+            shards = sorted(Path(path).rglob("model-*.safetensors"))
+            if shards and any(Path(path).rglob("config.json")):  # a complete export is being removed
+                os.unlink(shards[0])  # where rmtree is after its first file
+                die()
+            return original_rmtree(path, *args, **kwargs)
+
+        shutil.rmtree = rmtree
+    hf_export.export_checkpoint(job["checkpoint"], job["out"], tokenizer_from=job["tokenizer_from"],
+                                dtype=job.get("dtype"), max_shard_bytes=job["max_shard_bytes"],
                                 overwrite=job.get("overwrite", False), progress=False)
 
 

@@ -103,3 +103,64 @@ def test_distillation_killed_mid_checkpoint_resumes_bit_identical(models, uninte
     params = [jax.tree.leaves(nnx.state(m2d_jax.from_pretrained(w / "student"), nnx.Param).to_pure_dict())
               for w in (uninterrupted, workdir)]
     assert len(params[0]) == len(params[1]) and all(np.array_equal(x, y) for x, y in zip(*params))
+
+
+# ---- HF export killed mid-write ------------------------------------------------------------------------------------
+MAX_SHARD_BYTES = 40_000  # the tiny teacher (~158 kB in float32) exports as several shards
+
+
+@pytest.fixture(scope="module")
+def exportable(models, tmp_path_factory):
+    """(m2d_jax checkpoint, {dtype: the files of its uninterrupted export})."""
+    import m2d_jax
+    from m2d_jax import checkpoint
+    from m2d_jax.hf.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("export")
+    ckpt = checkpoint.save_model(m2d_jax.from_pretrained(models["teacher"]), root / "teacher_m2d")
+    references = {}
+    for dtype in ("float32", "bfloat16"):
+        out = export_checkpoint(ckpt, root / f"reference_{dtype}", tokenizer_from=models["teacher"], dtype=dtype,
+                                max_shard_bytes=MAX_SHARD_BYTES, progress=False)
+        references[dtype] = files(out)
+    assert sum(name.endswith(".safetensors") for name in references["float32"]) >= 3
+    return ckpt, references
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def export_job(models, exportable, out: Path, **changes) -> dict:
+    return {"checkpoint": exportable[0], "out": out, "tokenizer_from": models["teacher"],
+            "max_shard_bytes": MAX_SHARD_BYTES, "dtype": "float32", **changes}
+
+
+def test_export_killed_mid_write_leaves_no_target_and_a_rerun_succeeds(models, exportable, tmp_path):
+    from m2d_jax.hf.export import export_checkpoint
+
+    out = tmp_path / "student_hf"
+    run_killed("export", export_job(models, exportable, out, kill_after_safetensors=2), tmp_path)
+    assert not out.exists()
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert len(stale) == 1 and len(list(stale[0].iterdir())) == 3  # config.json and two of the shards
+    export_checkpoint(exportable[0], out, tokenizer_from=models["teacher"], dtype="float32",
+                      max_shard_bytes=MAX_SHARD_BYTES, progress=False)  # not blocked by the stale sibling
+    assert files(out) == exportable[1]["float32"]
+
+
+def test_overwrite_export_killed_while_removing_the_previous_one_leaves_a_complete_target(models, exportable,
+                                                                                          tmp_path):
+    from m2d_jax.hf.export import export_checkpoint
+
+    out = tmp_path / "student_hf"
+    export_checkpoint(exportable[0], out, tokenizer_from=models["teacher"], dtype="bfloat16",
+                      max_shard_bytes=MAX_SHARD_BYTES, progress=False)  # the previous export
+    run_killed("export", export_job(models, exportable, out, overwrite=True, kill_removing_previous_export=True),
+               tmp_path)
+    got = files(out) if out.exists() else {}
+    complete_as = [dtype for dtype, reference in exportable[1].items() if got == reference]  # new or old
+    assert complete_as, f"{out} is not a complete export: {sorted(got)}"
+    export_checkpoint(exportable[0], out, tokenizer_from=models["teacher"], dtype="float32",
+                      max_shard_bytes=MAX_SHARD_BYTES, overwrite=True, progress=False)
+    assert files(out) == exportable[1]["float32"]
