@@ -93,6 +93,22 @@ def test_sigterm_saves_a_checkpoint_and_stops(models, tmp_path):
     assert steps[-1] == result["step"]  # the step reached at SIGTERM was saved (1000-step interval not reached)
 
 
+def test_a_checkpoint_of_another_run_is_a_one_line_error(models, tmp_path, capsys):
+    """A train state that does not fit (here: the MoE teacher resumed as the student of a dense run's workdir)."""
+    from m2d_jax import cli
+    from m2d_jax.errors import CheckpointError
+
+    config = tiny_config(models, tmp_path / "run", stop_at_step=2)
+    assert train.run(config)["step"] == 2
+    config.student.path = str(models["teacher"])
+    with pytest.raises(CheckpointError, match=r"checkpoints/2: the saved train state does not fit this run \("):
+        train.run(config)
+    assert cli.main(["distill", *as_overrides(config)]) == 2  # the CLI prints it as one line
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the data and import progress bars)
+    assert last.startswith("m2d distill: error: ") and "does not fit this run" in last
+    assert last.endswith("resume it with the run that wrote it, or use a new checkpoint.dir")  # all on one line
+
+
 @pytest.mark.slow
 def test_distillation_reduces_kl(models, tmp_path):
     config = tiny_config(models, tmp_path / "long", steps=300, **{

@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from m2d_jax.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -40,8 +42,14 @@ class TrainCheckpointer:
         """(state, data iterator state) at ``step``; ``like`` (arrays or ShapeDtypeStructs with shardings) gives
         the structure, dtypes and target shardings (resharding on restore is allowed)."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                       data=ocp.args.JsonRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                           data=ocp.args.JsonRestore()))
+        except ValueError as err:  # e.g. a different student, or a train state saved by another version
+            detail = " ".join(str(err).split("If this mismatch is intentional")[0].split())  # Orbax's hint: n/a
+            raise CheckpointError(f"{self.directory / str(step)}: the saved train state does not fit this run "
+                                  f"({detail}); resume it with the run that wrote it, or use a new checkpoint.dir"
+                                  ) from err
         return restored["state"], restored["data"]
 
     def close(self) -> None:
