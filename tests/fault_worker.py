@@ -7,7 +7,8 @@ distill: JOB.json = {"models", "workdir", "changes", "kill_step", "kill_point"} 
 ``distill_helpers.tiny_config(models, workdir, **changes)`` and dies while Orbax writes the train checkpoint of step
 ``kill_step``: at ``kill_point`` "finalize" (every array and the data state are in the temporary step directory, the
 commit has not started) or "rename" (the commit marker is written, the temporary directory is about to be renamed to
-the step's name).
+the step's name); or at "student" (the run is complete and the trained student fully written to its temporary
+directory, not yet renamed to WORKDIR/student).
 
 export: JOB.json = {"checkpoint", "out", "tokenizer_from", "max_shard_bytes", "dtype", "overwrite", and
 "kill_after_safetensors": n or "kill_removing_previous_export": true} runs ``hf.export.export_checkpoint`` and dies
@@ -64,12 +65,28 @@ def kill_during_checkpoint(step: int, point: str) -> None:
         raise ValueError(f"kill_point {point!r}")
 
 
+def kill_before_moving_into_place(name: str) -> None:
+    """Make the rename of a finished temporary directory to ``name`` (an ``atomic_directory``) kill the process."""
+    for function in ("rename", "replace"):
+        original = getattr(os, function)
+
+        def move(src, dst, *args, _original=original, **kwargs):
+            if os.path.basename(str(dst)) == name and os.path.basename(str(src)).startswith(f".{name}."):
+                die()
+            return _original(src, dst, *args, **kwargs)
+
+        setattr(os, function, move)
+
+
 def distill(job: dict) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from distill_helpers import tiny_config
     from m2d_jax.distill import train
 
-    kill_during_checkpoint(job["kill_step"], job["kill_point"])
+    if job["kill_point"] == "student":
+        kill_before_moving_into_place("student")
+    else:
+        kill_during_checkpoint(job["kill_step"], job["kill_point"])
     train.run(tiny_config(job["models"], job["workdir"], **job["changes"]))
 
 

@@ -17,8 +17,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from distill_helpers import build_models, tiny_config
+import m2d_jax
 from m2d_jax.distill import train
 from m2d_jax.distill.checkpointing import TrainCheckpointer
 
@@ -87,21 +89,34 @@ def test_distillation_killed_mid_checkpoint_resumes_bit_identical(models, uninte
     assert sorted(int(p.name) for p in checkpoints.iterdir()) == [2, 3]
     result = train.run(tiny_config(models, workdir))
     assert result["step"] == 6 and not result["preempted"]
+    assert_same_run(uninterrupted, workdir)
 
-    want, got = logged(uninterrupted), logged(workdir)
+
+@pytest.mark.slow
+def test_distillation_killed_while_saving_the_student_finishes_on_rerun(models, uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    run_killed("distill", {"models": models, "workdir": workdir, "changes": {}, "kill_point": "student"}, tmp_path)
+    assert not (workdir / "student").exists()
+    assert [p.name for p in workdir.iterdir() if p.name.startswith(".student.")]  # the cut-short write
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
+    result = train.run(tiny_config(models, workdir))  # nothing left to train: only the student is saved
+    assert result["step"] == 6 and result["student"] == str(workdir / "student")
+    assert_same_run(uninterrupted, workdir)
+
+
+def assert_same_run(want_dir: Path, got_dir: Path) -> None:
+    """Same metrics at every step, same final train state, same trained student: bit for bit."""
+    want, got = logged(want_dir), logged(got_dir)
     assert sorted(got) == list(range(1, 7))
     for step in want:  # identical floats: same batches, same updates
         assert {k: v for k, v in got[step].items() if k not in ("tokens_per_s", "mfu")} == \
             {k: v for k, v in want[step].items() if k not in ("tokens_per_s", "mfu")}, step
-    a, b = final_state(uninterrupted, 6), final_state(workdir, 6)
+    a, b = final_state(want_dir, 6), final_state(got_dir, 6)
     assert a.keys() == b.keys() and any("opt_state" in k for k in a)
     for key in a:
         assert np.array_equal(a[key], b[key]), key
-    import m2d_jax
-    from flax import nnx
-
     params = [jax.tree.leaves(nnx.state(m2d_jax.from_pretrained(w / "student"), nnx.Param).to_pure_dict())
-              for w in (uninterrupted, workdir)]
+              for w in (want_dir, got_dir)]
     assert len(params[0]) == len(params[1]) and all(np.array_equal(x, y) for x, y in zip(*params))
 
 
@@ -112,7 +127,6 @@ MAX_SHARD_BYTES = 40_000  # the tiny teacher (~158 kB in float32) exports as sev
 @pytest.fixture(scope="module")
 def exportable(models, tmp_path_factory):
     """(m2d_jax checkpoint, {dtype: the files of its uninterrupted export})."""
-    import m2d_jax
     from m2d_jax import checkpoint
     from m2d_jax.hf.export import export_checkpoint
 
