@@ -229,6 +229,7 @@ def prepare(config: ConfigDict, devices=None) -> Trainer:
     from m2d_jax.distill.input import BatchStream, load_windows
 
     check_config(config)
+    objective = objective_from_config(config)
     mesh = make_mesh(dict(config.mesh), devices)
     check_batch(config.data.batch_size, config.micro_batches, mesh)
     tokenizer_dir = config.data.tokenizer or next(
@@ -237,7 +238,6 @@ def prepare(config: ConfigDict, devices=None) -> Trainer:
         raise ValueError("config field data.tokenizer: no tokenizer.json next to the student or teacher; set it")
     windows, tokenizer = load_windows(config.data.files, tokenizer_dir, config.data.seq_len, config.data.text_field)
 
-    objective = objective_from_config(config)
     student, student_shardings = load_for_mesh(
         config.student.path, mesh, "float32", compute_dtype=config.student.compute_dtype,
         remat=config.student.remat, moe_dispatch=config.student.moe_dispatch)
