@@ -5,9 +5,9 @@
 
 distill: JOB.json = {"models", "workdir", "changes", "kill_step", "kill_point"} runs ``distill.train.run`` on
 ``distill_helpers.tiny_config(models, workdir, **changes)`` and dies while Orbax writes the train checkpoint of step
-``kill_step``: at ``kill_point`` "finalize" (every array and the data state are in the temporary step directory, the
-commit has not started) or "rename" (the commit marker is written, the temporary directory is about to be renamed to
-the step's name); or at "student" (the run is complete and the trained student fully written to its temporary
+``kill_step``: at ``kill_point`` "items" (the data state is written into the temporary step directory, the arrays
+of the train state are being written) or "rename" (everything and the commit marker are written, the temporary
+directory is about to be renamed to the step's name); or at "student" (the run is complete and the trained student fully written to its temporary
 directory, not yet renamed to WORKDIR/student).
 
 export: JOB.json = {"checkpoint", "out", "tokenizer_from", "max_shard_bytes", "dtype", "overwrite", and
@@ -42,15 +42,17 @@ def kill_during_checkpoint(step: int, point: str) -> None:
     def is_target(final_path) -> bool:
         return os.path.basename(str(final_path)) == str(step)
 
-    if point == "finalize":
-        original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    if point == "items":
+        from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
-        async def finalize(self):
-            if is_target(self.get_final()):
+        original_save = JsonCheckpointHandler._save_fn
+
+        async def save_json(self, item, directory):
+            await original_save(self, item, directory)
+            if any(part.startswith(f"{step}.") for part in Path(str(directory)).parts):
                 die()
-            return await original_finalize(self)
 
-        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+        JsonCheckpointHandler._save_fn = save_json
     elif point == "rename":
         original_rename = async_path.rename
 

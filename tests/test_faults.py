@@ -66,7 +66,7 @@ def uninterrupted(models, tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize("kill_point", ["rename", pytest.param("finalize", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kill_point", ["rename", pytest.param("items", marks=pytest.mark.slow)])
 def test_distillation_killed_mid_checkpoint_resumes_bit_identical(models, uninterrupted, tmp_path, kill_point):
     workdir = tmp_path / "killed"
     checkpoints = workdir / "checkpoints"
@@ -78,7 +78,7 @@ def test_distillation_killed_mid_checkpoint_resumes_bit_identical(models, uninte
     assert leftovers and all(name.startswith("4.") for name in leftovers), leftovers  # the cut-short write
     if kill_point == "rename":  # everything written, even the commit marker: only the rename was missing
         assert (checkpoints / leftovers[0] / "state").is_dir() and (checkpoints / leftovers[0] / "data").is_dir()
-    assert max(logged(workdir)) >= 4 and not (workdir / "student").exists()
+    assert max(logged(workdir)) >= 3 and not (workdir / "student").exists()  # killed at the save of step 4
 
     ckpt = TrainCheckpointer(checkpoints, every=2, keep=3)
     assert ckpt.latest_step() == 2  # the temporary directory is not a checkpoint
