@@ -42,6 +42,7 @@ def jax_step(teacher_dir, student_dir, chunk: int):
     import jax
 
     from m2d_jax.distill import train
+    from m2d_jax.distill.objectives import ForwardKLDistillation
     from m2d_jax.distill.schedule import wsd_schedule
     from m2d_jax.distill.sharding import make_mesh
     from flax import nnx
@@ -53,8 +54,9 @@ def jax_step(teacher_dir, student_dir, chunk: int):
     tx = train.make_optimizer(dict(grad_clip=1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0), schedule)
     s_gd, s_state = nnx.split(student, nnx.Param)
     t_gd, t_state = nnx.split(teacher, nnx.Param)
-    state, state_sh = train.init_train_state(s_state.to_pure_dict(), tx, 0, mesh, s_sh)
-    step = train.make_train_step(s_gd, t_gd, tx, schedule, train.StepOptions(chunk=chunk), mesh, state_sh, t_sh)
+    state, state_sh = train.init_train_state(s_state.to_pure_dict(), tx, mesh, s_sh)
+    step = train.make_train_step(s_gd, t_gd, tx, schedule, ForwardKLDistillation(chunk=chunk), 1, mesh, state_sh,
+                                 t_sh)
     return state, t_state.to_pure_dict(), step, mesh
 
 

@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from m2d_jax.artifacts import atomic_directory, check_outputs, is_primary_process
+from m2d_jax.artifacts import atomic_directory, is_primary_process
 from m2d_jax.errors import CheckpointError
 from m2d_jax.models import CausalLM, ModelConfig, abstract_model
 
@@ -41,9 +41,6 @@ def read_record(path: str | Path) -> dict:
     if record.get("format") != FORMAT:
         raise CheckpointError(f"{record_path}: format {record.get('format')!r}, expected {FORMAT!r}")
     return record
-
-
-ensure_new_output = check_outputs  # the name hf/export.py imports
 
 
 def _params_tree(model: CausalLM) -> dict:

@@ -57,8 +57,9 @@ def test_resume_in_a_new_process_is_bit_exact(models, tmp_path):
     ref, got = losses(straight), losses(split)
     assert got == ref  # identical floats for every step
     a, b = saved_params(straight, 6), saved_params(split, 6)
-    assert a.keys() == b.keys() and any("opt_state" in k for k in a) and any("rng" in k for k in a)
-    for key in a:  # params, Adam moments, step and RNG
+    assert a.keys() == b.keys() and any("opt_state" in k for k in a) and "['step']" in a
+    assert {k.split("]")[0] + "]" for k in a} == {"['params']", "['opt_state']", "['step']"}  # no unused RNG
+    for key in a:  # params, Adam moments and step
         assert np.array_equal(a[key], b[key]), key
     # the completed runs saved the trained student as an ordinary m2d_jax checkpoint: the final params, exactly
     import m2d_jax
@@ -90,6 +91,22 @@ def test_sigterm_saves_a_checkpoint_and_stops(models, tmp_path):
     assert result["preempted"] and 3 <= result["step"] == last_logged < 100000
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == result["step"]  # the step reached at SIGTERM was saved (1000-step interval not reached)
+
+
+def test_a_checkpoint_of_another_run_is_a_one_line_error(models, tmp_path, capsys):
+    """A train state that does not fit (here: the MoE teacher resumed as the student of a dense run's workdir)."""
+    from m2d_jax import cli
+    from m2d_jax.errors import CheckpointError
+
+    config = tiny_config(models, tmp_path / "run", stop_at_step=2)
+    assert train.run(config)["step"] == 2
+    config.student.path = str(models["teacher"])
+    with pytest.raises(CheckpointError, match=r"checkpoints/2: the saved train state does not fit this run \("):
+        train.run(config)
+    assert cli.main(["distill", *as_overrides(config)]) == 2  # the CLI prints it as one line
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the data and import progress bars)
+    assert last.startswith("m2d distill: error: ") and "does not fit this run" in last
+    assert last.endswith("resume it with the run that wrote it, or use a new checkpoint.dir")  # all on one line
 
 
 @pytest.mark.slow

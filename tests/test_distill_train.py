@@ -76,10 +76,12 @@ def test_same_step_on_every_mesh_and_params_sharded_by_the_rules(models, tmp_pat
             assert LOGICAL_AXIS_RULES["exp"] == "expert"
 
 
-def test_grad_accumulation_equals_one_big_batch(models, tmp_path):
-    mesh = {"mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": -1}
-    loss1, _, state1, _ = one_step(models, tmp_path / "a", **mesh)
-    loss4, _, state4, _ = one_step(models, tmp_path / "b", **mesh, micro_batches=4)
+@pytest.mark.parametrize("objective", ["kl", "lm"])  # lm: a dense student, so no per-micro-batch balance term
+def test_grad_accumulation_equals_one_big_batch(models, tmp_path, objective):
+    changes = {"mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": -1, "objective": objective,
+               **({"teacher.path": ""} if objective == "lm" else {})}
+    loss1, _, state1, _ = one_step(models, tmp_path / "a", **changes)
+    loss4, _, state4, _ = one_step(models, tmp_path / "b", **changes, micro_batches=4)
     np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
     a, b = _flat(jax.device_get(state1["params"])), _flat(jax.device_get(state4["params"]))
     for key in a:
@@ -107,6 +109,27 @@ def test_lm_objective_trains_an_moe_student_with_load_balancing(models, tmp_path
     assert [r["step"] for r in jsonl] == [1, 2, 3, 4]
     for row in jsonl:
         assert scalars[("train/ce", row["step"])] == pytest.approx(row["ce"], rel=1e-6)
+
+
+def test_lm_objective_equals_the_transformers_loss(models, tmp_path):
+    """Oracle: ``LanguageModeling``'s ce over a batch split in 2 micro-batches is transformers' causal-LM loss
+    (shifted labels, padding as -100) of the whole batch; a dense student adds no load-balancing term."""
+    import torch
+
+    from m2d_jax.hf.oracle import load_reference
+
+    config = tiny_config(models, tmp_path / "lm", objective="lm", micro_batches=2,
+                         **{"teacher.path": "", "mesh.fsdp": 2, "mesh.tensor": -1})
+    trainer = train.prepare(config)
+    batch = jax.device_get(next(trainer.stream))
+    _, metrics = trainer.train_step(trainer.state, trainer.teacher_params, batch)
+    ids, mask = (torch.from_numpy(np.array(batch[k])).long() for k in ("input_ids", "attention_mask"))
+    with torch.no_grad():
+        reference = load_reference(models["student"])(input_ids=ids, attention_mask=mask,
+                                                      labels=ids.masked_fill(mask == 0, -100)).loss.item()
+    assert float(metrics["tokens"]) == float((mask[:, :-1] * mask[:, 1:]).sum())
+    np.testing.assert_allclose(float(metrics["ce"]), reference, rtol=2e-6)
+    assert float(metrics["load_balance"]) == 0.0 and float(metrics["loss"]) == float(metrics["ce"])
 
 
 def read_event_scalars(path) -> dict:

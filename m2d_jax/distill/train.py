@@ -1,9 +1,10 @@
 """The sharded training step and loop: forward-KL distillation (or next-token LM training) over a device mesh.
 
 One ``jax.jit`` step with explicit in/out shardings and a donated train state (the flax ``lm1b_nnx`` pattern:
-``nnx.split`` outside, ``nnx.merge`` inside the loss). Inside the step, per micro-batch (``lax.scan``): the frozen
-teacher's hidden states under ``stop_gradient``, the student's, and the chunked loss; gradients of the exact
-token-mean over the whole batch; global-norm clipping; AdamW on a WSD schedule. Only the student has optimizer state.
+``nnx.split`` outside, ``nnx.merge`` inside the loss). Inside the step, per micro-batch (``lax.scan``): the training
+objective (``distill/objectives.py``: the frozen teacher's hidden states under ``stop_gradient``, the student's, and
+the chunked loss); gradients of the exact token-mean over the whole batch; global-norm clipping; AdamW on a WSD
+schedule. Only the student has optimizer state; nothing in the step is random.
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from m2d_jax.config_utils import load_config
-from m2d_jax.distill import loss as losses
+from m2d_jax.distill.objectives import OBJECTIVES, Objective, objective_from_config
 from m2d_jax.distill.schedule import wsd_schedule
 from m2d_jax.distill.sharding import (BATCH_AXES, batch_sharding, check_batch, make_mesh, param_shardings,
                                       replicated, shard_params)
 from m2d_jax.models import CausalLM, ModelConfig, abstract_model, with_config
+from m2d_jax.models.config import DTYPES
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("kl", "lm")
-DTYPES = ("float32", "bfloat16")
 
 
 # ---- configuration ------------------------------------------------------------------------------------------------
@@ -63,10 +63,11 @@ def check_config(config: ConfigDict) -> None:
         if not cond:
             raise ValueError(f"config field {field}: {msg}")
 
-    need(config.objective in OBJECTIVES, "objective", f"{config.objective!r} not in {OBJECTIVES}")
+    need(config.objective in OBJECTIVES, "objective", f"{config.objective!r} not in {tuple(OBJECTIVES)}")
     need(bool(config.student.path), "student.path", "required (or --student PATH)")
-    if config.objective == "kl":
-        need(bool(config.teacher.path), "teacher.path", "required for objective='kl' (or --teacher PATH)")
+    if OBJECTIVES[config.objective].uses_teacher:
+        need(bool(config.teacher.path), "teacher.path",
+             f"required for objective={config.objective!r} (or --teacher PATH)")
     need(config.teacher.dtype in DTYPES, "teacher.dtype", f"expected one of {DTYPES}")
     need(config.student.compute_dtype in DTYPES, "student.compute_dtype", f"expected one of {DTYPES}")
     need(config.teacher.top_k >= 0, "teacher.top_k", "must be >= 0")
@@ -115,15 +116,6 @@ def _lookup(tree, keypath):
 
 
 # ---- the step ------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class StepOptions:
-    objective: str = "kl"
-    temperature: float = 1.0
-    chunk: int = 256
-    load_balance_weight: float = 0.01
-    micro_batches: int = 1
-
-
 def make_optimizer(opt: ConfigDict | dict, schedule: optax.Schedule) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW (decoupled weight decay) on ``schedule``."""
     return optax.chain(optax.clip_by_global_norm(opt["grad_clip"]),
@@ -131,14 +123,13 @@ def make_optimizer(opt: ConfigDict | dict, schedule: optax.Schedule) -> optax.Gr
                                    weight_decay=opt["weight_decay"]))
 
 
-def init_train_state(params: dict, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
+def init_train_state(params: dict, tx: optax.GradientTransformation, mesh: Mesh,
                      params_shardings: dict) -> tuple[dict, dict]:
-    """(state, state shardings): state = {params, opt_state, step, rng}; optimizer moments shard like params."""
+    """(state, state shardings): state = {params, opt_state, step}; optimizer moments shard like params."""
     shardings = train_state_shardings(params, tx, mesh, params_shardings)
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     state = {"params": params, "opt_state": opt_state,
-             "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
-             "rng": jax.device_put(jax.random.PRNGKey(seed), shardings["rng"])}
+             "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])}
     return state, shardings
 
 
@@ -146,70 +137,47 @@ def train_state_shardings(params, tx, mesh: Mesh, params_shardings: dict) -> dic
     abstract_opt = jax.eval_shape(tx.init, params)
     opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_shardings,
                                           transform_non_params=lambda _: replicated(mesh))
-    return {"params": params_shardings, "opt_state": opt_shardings, "step": replicated(mesh),
-            "rng": replicated(mesh)}
+    return {"params": params_shardings, "opt_state": opt_shardings, "step": replicated(mesh)}
 
 
 def make_train_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, options: StepOptions, mesh: Mesh, state_shardings: dict,
-                    teacher_shardings: dict) -> Callable:
+                    schedule: optax.Schedule, objective: Objective, micro_batches: int, mesh: Mesh,
+                    state_shardings: dict, teacher_shardings: dict) -> Callable:
     """``step(state, teacher_params, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is
-    donated. ``batch``: {"input_ids", "attention_mask"} int32 [batch, seq] sharded over (data, fsdp)."""
-    o = options
+    donated. ``batch``: {"input_ids", "attention_mask"} int32 [batch, seq] sharded over (data, fsdp), processed in
+    ``micro_batches`` micro-batches. Metrics: loss, grad_norm, lr, tokens (the loss's token count) and the
+    objective's own (e.g. kl, or ce and load_balance)."""
 
-    def micro_objective(params, teacher_params, ids, mask, total_tokens):
-        """One micro-batch's share of the batch loss (exact token mean after summing over micro-batches)."""
+    def micro_loss(params, teacher_params, micro_batch, tokens):
+        """One micro-batch's share of the batch loss and metrics (exact batch values after summing)."""
         student = nnx.merge(student_graphdef, params)
-        if o.objective == "kl":
-            teacher = nnx.merge(teacher_graphdef, teacher_params)
-            teacher_hidden = jax.lax.stop_gradient(teacher.hidden_states(ids, mask))  # [b, S, d_T]
-            student_hidden = student.hidden_states(ids, mask)  # [b, S, d_S]
-            kl_sum, _ = losses.forward_kl_sums(student_hidden, teacher_hidden, mask, student.logits,
-                                               teacher.logits, o.temperature, o.chunk)
-            main = kl_sum / total_tokens
-            return o.temperature ** 2 * main, (main, jnp.zeros((), jnp.float32))
-        if student.config.is_moe:
-            hidden, observations = student.hidden_states(ids, mask, observe=losses.router_load_observer(mask))
-            balance = losses.load_balance_loss(observations) / o.micro_batches
-        else:
-            hidden, balance = student.hidden_states(ids, mask), jnp.zeros((), jnp.float32)
-        ce_sum, _ = losses.next_token_ce_sums(hidden, ids, mask, student.logits, o.chunk)
-        main = ce_sum / total_tokens
-        return main + o.load_balance_weight * balance, (main, balance)
+        teacher = nnx.merge(teacher_graphdef, teacher_params) if objective.uses_teacher else None
+        return objective(student, teacher, micro_batch, tokens, micro_batches)
 
-    grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)  # -> ((loss, metrics), grads)
 
     def step(state, teacher_params, batch):
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, S]
-        b, s = ids.shape
-        n = o.micro_batches
-        valid = mask if o.objective == "kl" else losses.next_token_pairs(mask)
-        total_tokens = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+        b, s = batch["input_ids"].shape  # [B, S]
+        n = micro_batches
+        tokens = jnp.maximum(jnp.sum(objective.loss_tokens(batch["attention_mask"]).astype(jnp.float32)), 1.0)
 
         def split(x):  # [B, S] -> [n, B/n, S]; row r goes to micro-batch r % n, so each device keeps its rows
             x = x.reshape(b // n, n, s).swapaxes(0, 1)
             return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES, None)))
 
-        def accumulate(carry, micro):
-            grads, loss_sum, main_sum, balance_sum = carry
-            (loss, (main, balance)), g = grad_fn(state["params"], teacher_params, *micro, total_tokens)
-            grads = jax.tree.map(jnp.add, grads, g)
-            return (grads, loss_sum + loss, main_sum + main, balance_sum + balance), None
+        def accumulate(totals, micro_batch):
+            return jax.tree.map(jnp.add, totals, grad_fn(state["params"], teacher_params, micro_batch, tokens)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        zero = jnp.zeros((), jnp.float32)
-        (grads, loss, main, balance), _ = jax.lax.scan(accumulate, (zeros, zero, zero, zero), (split(ids), split(mask)))
+        stacked = {key: split(value) for key, value in batch.items()}  # the micro-batches, each [n, B/n, S]
+        first = jax.tree.map(lambda x: x[0], stacked)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),  # ((loss, metrics), grads) of zeros
+                             jax.eval_shape(grad_fn, state["params"], teacher_params, first, tokens))
+        ((loss, objective_metrics), grads), _ = jax.lax.scan(accumulate, zeros, stacked)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
-                     "rng": jax.random.split(state["rng"])[0]}
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
-                   "tokens": total_tokens}
-        if o.objective == "kl":
-            metrics["kl"] = main
-        else:
-            metrics["ce"] = main
-            metrics["load_balance"] = balance
+                   "tokens": tokens, **objective_metrics}
         return new_state, metrics
 
     batch_sh = {"input_ids": batch_sharding(mesh), "attention_mask": batch_sharding(mesh)}
@@ -261,6 +229,7 @@ def prepare(config: ConfigDict, devices=None) -> Trainer:
     from m2d_jax.distill.input import BatchStream, load_windows
 
     check_config(config)
+    objective = objective_from_config(config)
     mesh = make_mesh(dict(config.mesh), devices)
     check_batch(config.data.batch_size, config.micro_batches, mesh)
     tokenizer_dir = config.data.tokenizer or next(
@@ -273,7 +242,7 @@ def prepare(config: ConfigDict, devices=None) -> Trainer:
         config.student.path, mesh, "float32", compute_dtype=config.student.compute_dtype,
         remat=config.student.remat, moe_dispatch=config.student.moe_dispatch)
     teacher_config, teacher_params, teacher_shardings, teacher_graphdef = None, {}, {}, None
-    if config.objective == "kl":
+    if objective.uses_teacher:
         overrides = {"moe_dispatch": config.teacher.moe_dispatch}
         if config.teacher.top_k:
             overrides["num_experts_per_tok"] = config.teacher.top_k
@@ -292,13 +261,10 @@ def prepare(config: ConfigDict, devices=None) -> Trainer:
                             config.schedule.decay_steps, config.schedule.min_lr_ratio, config.schedule.decay_type)
     tx = make_optimizer(config.optimizer, schedule)
     student_graphdef, student_state = nnx.split(student, nnx.Param)
-    state, state_shardings = init_train_state(student_state.to_pure_dict(), tx, config.seed, mesh,
-                                              student_shardings)
+    state, state_shardings = init_train_state(student_state.to_pure_dict(), tx, mesh, student_shardings)
     student_config = student.config
-    options = StepOptions(config.objective, config.loss.temperature, config.loss.chunk,
-                          config.loss.load_balance_weight, config.micro_batches)
-    train_step = make_train_step(student_graphdef, teacher_graphdef, tx, schedule, options, mesh, state_shardings,
-                                 teacher_shardings)
+    train_step = make_train_step(student_graphdef, teacher_graphdef, tx, schedule, objective, config.micro_batches,
+                                 mesh, state_shardings, teacher_shardings)
 
     stream = BatchStream(windows, config.data.batch_size, config.data.seed, mesh)
     return Trainer(mesh, state, state_shardings, train_step, teacher_params, stream, student_config, teacher_config)

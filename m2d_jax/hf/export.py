@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from m2d_jax.artifacts import atomic_directory, check_outputs
 from m2d_jax.hf.adapters import adapter_for
 from m2d_jax.hf.load import hf_tensors
 from m2d_jax.hf.safetensors_io import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, CheckpointError
@@ -116,10 +117,9 @@ def export_model(model: CausalLM, out_dir: str | Path, tokenizer_from: str | Pat
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                  progress: bool = True) -> Path:
     """Write ``model`` as an HF checkpoint directory (config.json, safetensors, tokenizer/generation files)."""
-    from m2d_jax.checkpoint import atomic_directory, ensure_new_output
 
     out_dir = Path(out_dir)
-    ensure_new_output(out_dir, overwrite=overwrite)  # fail before any work
+    check_outputs(out_dir, overwrite=overwrite)  # fail before any work
     config = model.config
     adapter = adapter_for(config.family, "model.config")
     if not hasattr(adapter, "config_to_hf"):
@@ -160,7 +160,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, tokenizer
     from m2d_jax import checkpoint
 
     out_dir = Path(out_dir)
-    checkpoint.ensure_new_output(out_dir, overwrite=overwrite)
+    check_outputs(out_dir, overwrite=overwrite)
     if not checkpoint.is_m2d_checkpoint(checkpoint_dir):
         raise CheckpointError(f"{checkpoint_dir}: not an m2d_jax checkpoint (no {checkpoint.RECORD})")
     if tokenizer_from is None:
