@@ -340,14 +340,16 @@ def save_student(config: ConfigDict, student_config: ModelConfig, params: dict, 
     loadable by ``from_pretrained``, exportable to HF with ``m2d export`` (provenance kept for the tokenizer).
     ``params`` stay sharded as trained: every process writes its own shards (collective in a multi-process run)."""
     from m2d_jax import checkpoint
+    from m2d_jax.artifacts import Provenance
     from m2d_jax.models import abstract_model
+    from m2d_jax.pipeline import source_provenance
 
     out = Path(config.student_out or Path(config.workdir) / "student")
     graphdef, abs_state = nnx.split(abstract_model(student_config.replace(remat=False)))
     nnx.replace_by_pure_dict(abs_state, params)
-    metadata = {"kind": "distilled", "source": str(Path(config.student.path).absolute()),
-                "teacher": str(Path(config.teacher.path).absolute()) if config.teacher.path else None,
-                "objective": config.objective, "steps": step,
-                "tokens": step * config.data.batch_size * config.data.seq_len}
+    metadata = Provenance("distilled", **source_provenance(config.student.path),
+                          teacher=str(Path(config.teacher.path).absolute()) if config.teacher.path else None,
+                          details={"objective": config.objective, "steps": step,
+                                   "tokens": step * config.data.batch_size * config.data.seq_len}).to_dict()
     return checkpoint.save_model(nnx.merge(graphdef, abs_state), out, metadata, overwrite=True)
 
