@@ -259,7 +259,7 @@ def accumulate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray
     ``progress`` (a tqdm bar or None) is advanced by the valid tokens of each batch.
     """
     c = model.config
-    total = StatSums.zeros(len(c.moe_layers), c.num_experts, c.hidden_size)
+    total = StatSums.zeros(len(c.moe_layers), c.moe.experts.num_experts, c.hidden_size)
     pending = None  # the previous batch's device result: fetched after the next batch is dispatched
 
     def fetch(result, tokens):
@@ -347,8 +347,9 @@ def calibrate(model_path: str | Path, data_files: Sequence[str | Path], seq_len:
                 sums.tokens[0] / max(seconds, 1e-9))
     metadata = dict(
         format=FORMAT, m2d_jax_version=m2d_jax.__version__, model_path=str(Path(model_path).absolute()),
-        config_hash=config_hash(config), family=config.family, num_experts=config.num_experts,
-        top_k=config.num_experts_per_tok, norm_topk_prob=config.norm_topk_prob, hidden_size=config.hidden_size,
+        config_hash=config_hash(config), family=config.family, num_experts=config.moe.experts.num_experts,
+        top_k=model.runtime.top_k_for(config), norm_topk_prob=config.moe.router.norm_topk_prob,
+        hidden_size=config.hidden_size,
         moe_layers=list(config.moe_layers), data_files=[str(Path(f).absolute()) for f in data_files],
         seq_len=seq_len, num_seqs=num_seqs, seed=seed, gram_tokens_requested=gram_tokens,
         tokens_seen=int(sums.tokens[0]), gram_tokens_seen=int(sums.gram_tokens[0]), batch_size=batch_size,

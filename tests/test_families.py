@@ -100,7 +100,7 @@ def test_yarn_beyond_the_original_context(family_checkpoint, name):
     """Real checkpoints' YaRN parameters, at positions past original_max_position_embeddings (4096)."""
     path = family_checkpoint(name)
     model = m2d_jax.from_pretrained(path, progress=False)
-    assert model.config.rope_type == "yarn"
+    assert model.config.rope.type == "yarn"
     ids, mask = padded_batch(model.config.vocab_size, batch=2, seq=12, seed=2)
     mask[:] = 1
     pos = np.broadcast_to(np.arange(12) + 6000, (2, 12))
@@ -112,7 +112,7 @@ def test_dense_student_forms_have_the_expected_structure(family_checkpoint):
     ds = m2d_jax.from_pretrained(family_checkpoint("ds_student_all_dense"), progress=False).config
     assert ds.ffn_kinds == ("dense",) * 3 and not ds.is_moe
     oss = m2d_jax.from_pretrained(family_checkpoint("gptoss_student_one_expert"), progress=False).config
-    assert oss.num_experts == 1 and oss.num_experts_per_tok == 1
+    assert oss.moe.experts.num_experts == 1 and oss.moe.router.top_k == 1
 
 
 def test_info_reports_family_structure(family_checkpoint, capsys):
@@ -159,7 +159,7 @@ def test_kv_cache_decoding_equals_full_recompute(family_checkpoint, name):
     model = m2d_jax.from_pretrained(family_checkpoint(name), progress=False)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (4, 11)]
-    assert max(map(len, prompts)) > (model.config.sliding_window or 0)
+    assert max(map(len, prompts)) > (model.config.attention.sliding_window or 0)
     cached = generate_tokens(model, prompts, 8)
     last_logits = nnx.jit(lambda m, ids, n: m(ids)[0, n - 1])  # one compiled shape: right-padded buffer
     for prompt, tokens in zip(prompts, cached):

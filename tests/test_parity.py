@@ -7,7 +7,6 @@ import pytest
 
 import m2d_jax
 from m2d_jax.hf.oracle import padded_batch, reference_logits
-from m2d_jax.models import with_config
 
 from conftest import ALL_CONFIGS, QWEN3_MOE_CONFIGS, SHARDED
 

@@ -59,7 +59,7 @@ def convert(model_path: str | Path, stats_path: str | Path, scoring: str, groupi
     if not config.is_moe:
         raise ValueError(f"{model_path}: the {config.family} model has no MoE layers to convert")
     student_rule(config.family)  # unsupported family: fail before selection
-    check_counts(config.num_experts, num_selected, k)
+    check_counts(config.moe.experts.num_experts, num_selected, k)
     selected, weight_scores = select_experts(stats, scoring, num_selected, config, **scoring_options)
     sums = stats.sums
     routed_mass = sums.sum_applied_weight.sum(-1) / sums.tokens  # [L] E_t[sum_e w_e(t)] (rho included)
@@ -95,8 +95,9 @@ def convert_random_ffn(model_path: str | Path, k: int, out: str | Path, hf_out: 
     checkpoint.ensure_new_output(out, hf_out, overwrite=overwrite)
     model_path = Path(model_path)
     teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
-    if not 1 <= k <= teacher.config.num_experts:
-        raise ValueError(f"k={k} groups: must be between 1 and the teacher's E={teacher.config.num_experts} experts")
+    num_experts = teacher.config.moe.experts.num_experts if teacher.config.is_moe else 0
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k={k} groups: must be between 1 and the teacher's E={num_experts} experts")
     student = build_random_ffn_student(teacher, k, seed)
     metadata = {"kind": "random_ffn", "family": student.config.family, "teacher_family": teacher.config.family,
                 **_teacher_source(model_path), "groups": k, "seed": seed, "init_std": 0.02,
