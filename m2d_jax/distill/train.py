@@ -27,7 +27,7 @@ from m2d_jax.distill import loss as losses
 from m2d_jax.distill.schedule import wsd_schedule
 from m2d_jax.distill.sharding import (BATCH_AXES, batch_sharding, check_batch, make_mesh, param_shardings,
                                       replicated)
-from m2d_jax.models import CausalLM, ModelConfig, RuntimeConfig, abstract_model
+from m2d_jax.models import CausalLM, ModelConfig, abstract_model, load_runtime
 from m2d_jax.models.config import DTYPES
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def load_for_mesh(path: str | Path, mesh: Mesh, dtype: str, **runtime_fields) ->
     if not path.exists():
         raise FileNotFoundError(f"{path}: model checkpoint not found")
     config, _ = load_config(path)
-    runtime = RuntimeConfig(**{"param_dtype": dtype, "compute_dtype": dtype, **runtime_fields})
+    runtime = load_runtime(dtype, **runtime_fields)
     shardings = param_shardings(abstract_model(config, runtime), mesh)
     model = from_pretrained(path, runtime=runtime, progress=False, sharding=lambda keys, _: _lookup(shardings, keys))
     return model, shardings
