@@ -1,8 +1,8 @@
 """Streaming HF import (and its inverse, the HF tensor view of a model used by export).
 
 Import walks the parameter leaves of the abstract model one at a time: for each leaf it allocates one host buffer,
-fills it slice by slice from memory-mapped safetensors (converting to the target dtype as it copies), moves it to
-the device and drops it. Peak host memory is the output tree plus one leaf; the checkpoint is never loaded whole.
+fills it slice by slice from memory-mapped safetensors (converting to the target dtype as it copies), places it (on
+the default device, or sharded as the loader's ``sharding`` says) and drops it. Peak host memory is the output tree plus one leaf; the checkpoint is never loaded whole.
 """
 
 from __future__ import annotations
