@@ -17,10 +17,10 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from m2d_jax.info import format_summary, load_config, summarize
+    from m2d_jax.info import default_runtime, format_summary, load_config, summarize
 
     config, kind = load_config(args.path)
-    summary = {"source": kind, **summarize(config)}
+    summary = {"source": kind, **summarize(config, default_runtime(args.path))}
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 

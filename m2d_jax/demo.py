@@ -80,7 +80,7 @@ def run_demo(config: ConfigDict) -> dict:
     from m2d_jax.hf.export import export_checkpoint
     from m2d_jax.hf.oracle import make_hf_checkpoint, padded_batch, reference_logits
     from m2d_jax.info import format_summary, summarize
-    from m2d_jax.models import with_config
+    from m2d_jax.models import with_runtime
     from m2d_jax.pipeline import (calibrate_files, convert_checkpoint, import_checkpoint, random_ffn_checkpoint,
                                   select_from_files)
 
@@ -103,10 +103,10 @@ def run_demo(config: ConfigDict) -> dict:
                                  config.seed)
         want = reference_logits(hf_dir, ids, mask)
         for dispatch in ("dense", "capacity", "blocks", "ragged"):
-            diff = _max_valid_diff(with_config(teacher, moe_dispatch=dispatch)(ids, mask), want, mask)
+            diff = _max_valid_diff(with_runtime(teacher, moe_dispatch=dispatch)(ids, mask), want, mask)
             results["checks"][f"teacher_parity_{dispatch}"] = diff <= PARITY_TOLERANCE
             print(f"      dispatch={dispatch:<9} max|dlogit| = {diff:.2e}")
-        print(format_summary({"source": "m2d_jax checkpoint", **summarize(teacher.config)}))
+        print(format_summary({"source": "m2d_jax checkpoint", **summarize(teacher.config, teacher.runtime)}))
 
         print("[3/7] m2d calibrate")
         c = config.calibration
@@ -131,7 +131,7 @@ def run_demo(config: ConfigDict) -> dict:
         student = from_pretrained(student_ckpt)
         diff = _max_valid_diff(student(ids, mask), reference_logits(work / "student_hf", ids, mask), mask)
         results["checks"]["student_export_parity"] = diff <= PARITY_TOLERANCE
-        print(f"      student: {student.config.family}, FFN width {student.config.intermediate_size}; transformers "
+        print(f"      student: {student.config.family}, FFN width {student.config.ffn.intermediate_size}; transformers "
               f"loads the export, max|dlogit| = {diff:.2e}")
         tokenizer = load_tokenizer(hf_dir)
         heldout = pack_documents(tokenize_documents(read_documents([heldout_file]), tokenizer),

@@ -230,9 +230,9 @@ def test_bad_statistics_files(calib_checkpoint, tmp_path, streaming_model):
     with pytest.raises(StatsError, match="junk.npz: not a statistics file"):
         load_stats(tmp_path / "junk.npz")
     c = streaming_model.config
-    sums = StatSums.zeros(2, c.num_experts, c.hidden_size)._replace(tokens=np.full(2, 3.0))
-    meta = dict(format=FORMAT, config_hash=config_hash(c), num_experts=c.num_experts,
-                top_k=c.num_experts_per_tok, moe_layers=[0, 2], hidden_size=c.hidden_size)
+    sums = StatSums.zeros(2, c.moe.experts.num_experts, c.hidden_size)._replace(tokens=np.full(2, 3.0))
+    meta = dict(format=FORMAT, config_hash=config_hash(c), num_experts=c.moe.experts.num_experts,
+                top_k=c.moe.router.top_k, moe_layers=[0, 2], hidden_size=c.hidden_size)
     good = CalibrationStats(sums, meta)
     bad_path = save_stats(CalibrationStats(sums._replace(sum_output_norm=sums.sum_output_norm + np.inf), meta),
                           tmp_path / "inf.npz")
@@ -256,7 +256,7 @@ def test_bad_statistics_files(calib_checkpoint, tmp_path, streaming_model):
     older = save_stats(CalibrationStats(sums, dict(meta, format="m2d_jax.calibration/1")), tmp_path / "v1.npz")
     with pytest.raises(StatsError, match="v1.npz: format 'm2d_jax.calibration/1', expected 'm2d_jax.calibration/2'"):
         load_stats(older)
-    good.check_model(c.replace(moe_dispatch="dense"))
+    good.check_model(c)
     other = m2d_jax.from_pretrained(calib_checkpoint[0]).config  # a different vocab
     with pytest.raises(StatsError, match="different model"):
         good.check_model(other)

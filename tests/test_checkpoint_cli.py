@@ -47,8 +47,7 @@ def test_restore_in_bfloat16_and_onto_a_mesh(hf_checkpoint, tmp_path):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "expert"))
 
     def sharding(path, leaf):  # experts over "expert", everything else replicated
-        names = [getattr(p, "key", getattr(p, "idx", None)) for p in path]
-        spec = (None, "expert") if names[-1] in ("gate_proj", "up_proj", "down_proj") and "moe" in names else ()
+        spec = (None, "expert") if path[-1] in ("gate_proj", "up_proj", "down_proj") and "moe" in path else ()
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
     sharded = checkpoint.load_model(out, sharding=sharding)

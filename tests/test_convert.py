@@ -11,12 +11,12 @@ from scipy.spatial.distance import squareform
 import m2d_jax
 from convert_helpers import IDENTITY_TEACHERS, identity_teacher_config as _identity_teacher_config
 from m2d_jax.convert import grouping
-from m2d_jax.convert.dense import (DenseFFN, ExpertFFN, append_ffn, concat_experts, dp_scales, merge_matrix, pad_ffn,
+from m2d_jax.convert.dense import (DenseFFN, append_ffn, concat_experts, dp_scales, merge_matrix, pad_ffn,
                                    plan_layer)
 from m2d_jax.convert.plan import plan_conversion
 from m2d_jax.convert.student import build_dense_student, build_random_ffn_student
 from m2d_jax.hf.oracle import make_hf_checkpoint, padded_batch
-from m2d_jax.models import abstract_model
+from m2d_jax.models import ExpertWeights, abstract_model
 
 
 # ---- groupings ---------------------------------------------------------------------------------------------
@@ -157,14 +157,14 @@ def test_concatenation_identity(with_bias, with_shared, act):
     rng = np.random.default_rng(1)
     e, d, m, ms, k = 6, 8, 5, 4, 3
     w = lambda *s: rng.normal(size=s) * 2  # noqa: E731  large enough that the clamp is active
-    experts = ExpertFFN(w(e, d, m), w(e, d, m), w(e, m, d), *((w(e, m), w(e, m), w(e, d)) if with_bias else ()))
+    experts = ExpertWeights(w(e, d, m), w(e, d, m), w(e, m, d), *((w(e, m), w(e, m), w(e, d)) if with_bias else ()))
     shared = DenseFFN(w(d, ms), w(d, ms), w(ms, d), *((w(ms), w(ms), w(d)) if with_bias else ())) if with_shared \
         else None
     groups = [np.array([0, 3]), np.array([5]), np.array([1, 2, 4])]
     alpha = merge_matrix(groups, rng.uniform(0.1, 1, size=e))
     scales = rng.uniform(0.1, 1, size=k)
     f32 = lambda t: None if t is None else jnp.asarray(t, jnp.float32)  # noqa: E731
-    dense = concat_experts(ExpertFFN(*map(f32, experts)), f32(alpha), f32(scales),
+    dense = concat_experts(ExpertWeights(*map(f32, experts)), f32(alpha), f32(scales),
                            None if shared is None else DenseFFN(*map(f32, shared)))
     assert dense.width == k * m + (ms if with_shared else 0)
     x = rng.normal(size=(32, d))
@@ -224,8 +224,8 @@ def test_exactness_identity_pure_pruning(tmp_path, name):
     hf_config, family, width = IDENTITY_TEACHERS[name]
     src = make_hf_checkpoint(hf_config, tmp_path / "t", seed=3, init_std=0.1)
     teacher = _zero_router(m2d_jax.from_pretrained(src, moe_dispatch="dense"))
-    k = teacher.config.num_experts
-    rho = teacher.config.routed_scaling_factor
+    k = teacher.config.moe.experts.num_experts
+    rho = teacher.config.moe.router.routed_scaling_factor
     moe_layers = [i for i, kind in enumerate(teacher.config.ffn_kinds) if kind == "moe"]
     selected = np.tile(np.arange(k)[::-1], (len(moe_layers), 1))  # any order: the function does not change
     plans = plan_conversion(teacher, selected, np.ones((len(moe_layers), k)), k, "round_robin", "uniform",
@@ -235,9 +235,9 @@ def test_exactness_identity_pure_pruning(tmp_path, name):
     c = student.config
     assert c.family == family
     if family in ("gpt_oss", "olmoe", "mixtral"):  # the one-expert student form
-        assert c.num_experts == 1 and c.num_experts_per_tok == 1 and c.moe_intermediate_size == width
+        assert c.moe.experts.num_experts == 1 and c.moe.router.top_k == 1 and c.moe.experts.intermediate_size == width
     else:
-        assert set(c.ffn_kinds) == {"dense"} and c.intermediate_size == width and not c.is_moe
+        assert set(c.ffn_kinds) == {"dense"} and c.ffn.intermediate_size == width and c.moe is None
     ids, mask = padded_batch(c.vocab_size, 2, 12, 0)
     want, got = np.asarray(teacher(ids, mask)), np.asarray(student(ids, mask))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -247,7 +247,7 @@ def test_exactness_identity_pure_pruning(tmp_path, name):
 def test_random_ffn_baseline_copies_everything_else(identity_teacher_dir):
     teacher = m2d_jax.from_pretrained(identity_teacher_dir)
     student = build_random_ffn_student(teacher, k=2, seed=5)
-    assert student.config.intermediate_size == 64
+    assert student.config.ffn.intermediate_size == 64
     from flax import nnx
     s_leaves = {tuple(k): np.asarray(v.get_value()) for k, v in nnx.state(student, nnx.Param).flat_state()}
     t_leaves = {tuple(k): np.asarray(v.get_value()) for k, v in nnx.state(teacher, nnx.Param).flat_state()}
@@ -376,9 +376,8 @@ def test_merged_student_layers_equal_numpy_merge_and_restore_sharded(identity_te
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
 
     def sharding(path, leaf):  # FFN width over "model", everything else replicated
-        names = [getattr(p, "key", getattr(p, "idx", None)) for p in path]
         spec = {"gate_proj": (None, None, "model"), "up_proj": (None, None, "model"),
-                "down_proj": (None, "model", None)}.get(names[-2], ()) if "mlp" in names else ()
+                "down_proj": (None, "model", None)}.get(path[-2], ()) if "mlp" in path else ()
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
     restored = checkpoint.load_model(out, sharding=sharding)

@@ -42,8 +42,8 @@ def prompts_for(config, lengths=(5, 13, 21)):
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in ALL_CONFIGS])
 def test_kv_cache_greedy_equals_full_recompute(hf_checkpoint, name):
     model = m2d_jax.from_pretrained(hf_checkpoint(name))
-    if model.config.sliding_window:
-        assert max(map(len, prompts_for(model.config))) > model.config.sliding_window
+    if model.config.attention.sliding_window:
+        assert max(map(len, prompts_for(model.config))) > model.config.attention.sliding_window
     prompts = prompts_for(model.config)
     new = generate_tokens(model, prompts, 12, batch_size=4)  # a filler row too
     assert new == [recompute_greedy(model, p, 12) for p in prompts]

@@ -102,8 +102,8 @@ def test_bfloat16_export_without_torch(student, tmp_path):
 def _cast(model, dtype):
     import jax
 
-    graphdef, state = nnx.split(m2d_jax.models.abstract_model(model.config.replace(dtype=dtype,
-                                                                                   compute_dtype=dtype)))
+    graphdef, state = nnx.split(m2d_jax.models.abstract_model(
+        model.config, model.runtime.replace(param_dtype=dtype, compute_dtype=dtype)))
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x.astype(dtype),
                                                  nnx.state(model, nnx.Param).to_pure_dict()))
     return nnx.merge(graphdef, state)
@@ -148,7 +148,7 @@ def test_family_student_and_teacher_export_round_trip(tmp_path, name, k):
     hf_config, family, _ = IDENTITY_TEACHERS[name]
     src = make_hf_checkpoint(hf_config, tmp_path / "source", seed=11, init_std=0.1)
     teacher = m2d_jax.from_pretrained(src, moe_dispatch="dense")
-    e = teacher.config.num_experts
+    e = teacher.config.moe.experts.num_experts
     moe_layers = [i for i, kind in enumerate(teacher.config.ffn_kinds) if kind == "moe"]
     rng = np.random.default_rng(5)
     plans = plan_conversion(teacher, np.stack([rng.permutation(e) for _ in moe_layers]),
@@ -167,7 +167,7 @@ def test_family_student_and_teacher_export_round_trip(tmp_path, name, k):
         np.testing.assert_allclose(np.asarray(model(ids, mask)), reference_logits(reference, ids, mask), atol=1e-4,
                                    rtol=0, err_msg=tag)
         reimported = m2d_jax.from_pretrained(out, moe_dispatch="dense")
-        assert reimported.config == model.config.replace(moe_dispatch="dense")
+        assert reimported.config == model.config and reimported.runtime == model.runtime
         a, b = _params(model), _params(reimported)
         assert a.keys() == b.keys()
         for key in a:

@@ -100,7 +100,7 @@ def test_yarn_beyond_the_original_context(family_checkpoint, name):
     """Real checkpoints' YaRN parameters, at positions past original_max_position_embeddings (4096)."""
     path = family_checkpoint(name)
     model = m2d_jax.from_pretrained(path, progress=False)
-    assert model.config.rope_type == "yarn"
+    assert model.config.rope.type == "yarn"
     ids, mask = padded_batch(model.config.vocab_size, batch=2, seq=12, seed=2)
     mask[:] = 1
     pos = np.broadcast_to(np.arange(12) + 6000, (2, 12))
@@ -122,7 +122,7 @@ def test_dense_student_forms_have_the_structure_transformers_builds(family_check
     oss = m2d_jax.from_pretrained(path, progress=False).config
     routing = {(layer.mlp.experts.gate_up_proj.shape[0], layer.mlp.router.top_k)
                for layer in load_reference(path).model.layers}
-    assert routing == {(oss.num_experts, oss.num_experts_per_tok)} == {(1, 1)}
+    assert routing == {(oss.moe.experts.num_experts, oss.moe.router.top_k)} == {(1, 1)}
 
 
 def test_info_reports_family_structure(family_checkpoint, capsys):
@@ -169,7 +169,7 @@ def test_kv_cache_decoding_equals_full_recompute(family_checkpoint, name):
     model = m2d_jax.from_pretrained(family_checkpoint(name), progress=False)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (4, 11)]
-    assert max(map(len, prompts)) > (model.config.sliding_window or 0)
+    assert max(map(len, prompts)) > (model.config.attention.sliding_window or 0)
     cached = generate_tokens(model, prompts, 8)
     last_logits = nnx.jit(lambda m, ids, n: m(ids)[0, n - 1])  # one compiled shape: right-padded buffer
     for prompt, tokens in zip(prompts, cached):

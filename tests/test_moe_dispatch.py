@@ -7,18 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from types import SimpleNamespace
-
 import m2d_jax
-from m2d_jax.models.config import DISPATCHES
+from m2d_jax.models.config import DISPATCHES, FFNSpec
 from m2d_jax.models.layers import glu_activation
 from m2d_jax.models.moe import ExpertWeights, capacity, expert_outputs, route_softmax_topk
 
 STRATEGIES = ["dense", "capacity", "blocks", "ragged"]
-ACT = glu_activation(SimpleNamespace(hidden_act="silu"))
+ACT = glu_activation(FFNSpec(intermediate_size=1))
 
 
-CLAMPED = glu_activation(SimpleNamespace(hidden_act="clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=7.0))
+CLAMPED = glu_activation(FFNSpec(intermediate_size=1, activation="clamped_swiglu", swiglu_alpha=1.702,
+                                 swiglu_limit=7.0))
 
 
 def _experts(rng, e, d, m, bias=False):

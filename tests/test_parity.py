@@ -7,7 +7,6 @@ import pytest
 
 import m2d_jax
 from m2d_jax.hf.oracle import load_reference, padded_batch, reference_logits
-from m2d_jax.models import with_config
 
 from conftest import ALL_CONFIGS, QWEN3_MOE_CONFIGS, SHARDED
 
@@ -95,14 +94,15 @@ def test_bfloat16_close_to_float32(hf_checkpoint, name):
 
 def _imported_structure(config) -> dict:
     """What m2d_jax's imported config says about the model's structure."""
-    return dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_heads=config.num_heads,
-                num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, attention_bias=config.attention_bias,
-                sliding_windows=tuple(config.sliding_window if kind == "sliding_attention" else None
-                                      for kind in config.layer_types),
-                moe_layers=tuple(config.moe_layers), num_experts=config.num_experts,
-                top_k=config.num_experts_per_tok, moe_intermediate_size=config.moe_intermediate_size,
-                norm_topk_prob=config.norm_topk_prob, tie_word_embeddings=config.tie_word_embeddings,
-                rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps)
+    a, moe = config.attention, config.moe
+    return dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_heads=a.num_heads,
+                num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, attention_bias=a.bias,
+                sliding_windows=tuple(a.sliding_window if kind == "sliding_attention" else None
+                                      for kind in a.layer_types),
+                moe_layers=tuple(config.moe_layers), num_experts=moe.experts.num_experts,
+                top_k=moe.router.top_k, moe_intermediate_size=moe.experts.intermediate_size,
+                norm_topk_prob=moe.router.norm_topk_prob, tie_word_embeddings=config.tie_word_embeddings,
+                rope_theta=config.rope.theta, rms_norm_eps=config.norm.eps)
 
 
 def _transformers_structure(path) -> dict:

@@ -7,19 +7,20 @@ import numpy as np
 import pytest
 
 from m2d_jax.calibration import CalibrationStats, StatSums, StatsError, config_hash
-from m2d_jax.models import ModelConfig
 from m2d_jax.errors import SelectionError
+from m2d_jax.models import AttentionSpec, ExpertsSpec, FFNSpec, ModelConfig, MoESpec, RouterSpec
 from m2d_jax.scoring import SCORINGS, Selection, load_selection, save_selection, score, select_experts
 
 LAYERS, EXPERTS, HIDDEN, TOP_K = 3, 10, 6, 2
 
 
-def tiny_config(**changes):
-    base = dict(family="qwen3_moe", vocab_size=64, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=2,
-                num_kv_heads=1, head_dim=4, intermediate_size=8, layer_types=("full_attention",) * LAYERS,
-                ffn_kinds=("moe",) * LAYERS, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
-                moe_intermediate_size=4, norm_topk_prob=True)
-    return ModelConfig(**{**base, **changes})
+def tiny_config(top_k=TOP_K, norm_topk_prob=True):
+    return ModelConfig(
+        family="qwen3_moe", vocab_size=64, hidden_size=HIDDEN, num_layers=LAYERS, ffn_kinds=("moe",) * LAYERS,
+        attention=AttentionSpec(num_heads=2, num_kv_heads=1, head_dim=4, layer_types=("full_attention",) * LAYERS),
+        ffn=FFNSpec(intermediate_size=8),
+        moe=MoESpec(RouterSpec(top_k=top_k, norm_topk_prob=norm_topk_prob),
+                    ExpertsSpec(num_experts=EXPERTS, intermediate_size=4)))
 
 
 def random_stats(seed=0) -> CalibrationStats:
@@ -141,8 +142,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(StatsError, match="top-k=2 <= K"):
         select_experts(stats, "gld_reap", 1)
     with pytest.raises(StatsError, match="different model"):
-        stats.check_model(tiny_config(num_experts_per_tok=3))
-    stats.check_model(tiny_config(moe_dispatch="dense", dtype="bfloat16"))  # runtime fields ok
+        stats.check_model(tiny_config(top_k=3))
+    stats.check_model(tiny_config())  # the architecture the statistics were collected on
     gram = stats.sums.gram.copy()
     gram[1, 2, 2] = np.nan
     bad = CalibrationStats(stats.sums._replace(gram=gram), stats.metadata)
@@ -164,18 +165,49 @@ def test_do_selection_reports_gains():
     assert not result.filled.any()
 
 
-def test_config_hash_ignores_runtime_and_new_default_fields():
+def test_config_hash_covers_the_whole_architecture():
+    """Every leaf field of the nested architecture, changed alone, changes the hash; a config rebuilt from its JSON
+    has the same hash; no runtime field is part of the architecture."""
+    import copy
     import dataclasses
 
+    from m2d_jax.models import RuntimeConfig
+
     config = tiny_config()
-    assert config_hash(config) == config_hash(config.replace(dtype="bfloat16", moe_dispatch="dense", remat=True))
-    assert config_hash(config) != config_hash(config.replace(norm_topk_prob=False))
-    # a field added to ModelConfig later (at its default) does not invalidate statistics collected before
-    newer = dataclasses.make_dataclass("NewerConfig", [("future_option", int, dataclasses.field(default=0))],
-                                       bases=(ModelConfig,), frozen=True)
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(ModelConfig)}
-    assert config_hash(newer(**fields)) == config_hash(config)
-    assert config_hash(newer(**fields, future_option=1)) != config_hash(config)
+    assert config_hash(config) == config_hash(ModelConfig.from_dict(config.to_dict()))
+
+    def changed(value):
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, (int, float)):
+            return value + 1
+        if isinstance(value, str):
+            return value + "_x"
+        if isinstance(value, tuple):
+            return value + value[-1:] if value else (("x", 1),)
+        assert value is None
+        return 1
+
+    def edited(spec, path, value):  # a copy with one leaf changed, bypassing validation (frozen dataclasses)
+        new = copy.copy(spec)
+        child = value if len(path) == 1 else edited(getattr(spec, path[0]), path[1:], value)
+        object.__setattr__(new, path[0], child)
+        return new
+
+    def leaves(spec, prefix=()):
+        for f in dataclasses.fields(spec):
+            value = getattr(spec, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from leaves(value, prefix + (f.name,))
+            else:
+                yield prefix + (f.name,), value
+
+    paths = list(leaves(config))
+    assert len(paths) >= 30
+    for path, value in paths:
+        assert config_hash(edited(config, path, changed(value))) != config_hash(config), ".".join(path)
+    runtime_fields = {f.name for f in dataclasses.fields(RuntimeConfig)} - {"top_k"}  # router.top_k: as trained
+    assert not runtime_fields & {p[-1] for p, _ in paths}
 
 
 @pytest.mark.parametrize("name", ["gram_logdet", "gld_reap"])
@@ -230,7 +262,7 @@ def test_selection_file_round_trip(tmp_path, name, options):
     with pytest.raises(SelectionError, match="made from other statistics"):
         selection.check_stats(other)
     with pytest.raises(SelectionError, match="different model"):
-        selection.check_model(tiny_config(num_experts_per_tok=3))
+        selection.check_model(tiny_config(top_k=3))
 
 
 def test_early_stopped_selection_keeps_filled_slots_through_json(tmp_path):

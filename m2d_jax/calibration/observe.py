@@ -118,7 +118,7 @@ def accumulate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray
     ``progress`` (a tqdm bar or None) is advanced by the valid tokens of each batch.
     """
     c = model.config
-    total = StatSums.zeros(len(c.moe_layers), c.num_experts, c.hidden_size)
+    total = StatSums.zeros(len(c.moe_layers), c.moe.experts.num_experts, c.hidden_size)
     pending = None  # the previous batch's device result: fetched after the next batch is dispatched
 
     def fetch(result, tokens):

@@ -20,19 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2d_jax.models.moe import ExpertWeights
+
 DP_SCALINGS = ("uniform", "proportional")
 UNIFORM_RULES = ("routing_mass", "conditional_prob")
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-class ExpertFFN(NamedTuple):
-    """One layer's routed experts. Biases are None for families without them."""
-    gate: jax.Array  # [E, d, m]
-    up: jax.Array  # [E, d, m]
-    down: jax.Array  # [E, m, d]
-    gate_bias: jax.Array | None = None  # [E, m]
-    up_bias: jax.Array | None = None  # [E, m]
-    down_bias: jax.Array | None = None  # [E, d]
 
 
 class DenseFFN(NamedTuple):
@@ -119,7 +111,7 @@ def _merge(alpha, stacked, spec: str):
 
 
 @jax.jit
-def concat_experts(experts: ExpertFFN, alpha, scales, shared: DenseFFN | None = None) -> DenseFFN:
+def concat_experts(experts: ExpertWeights, alpha, scales, shared: DenseFFN | None = None) -> DenseFFN:
     """The dense FFN of one layer (float32): k merged, scaled experts side by side, then the shared experts.
 
     alpha [k, E], scales [k]; result width k*m (+ m_s).

@@ -60,7 +60,7 @@ def conversion_plans(teacher: CausalLM, stats: CalibrationStats, selection, reci
     student_rule(config.family)  # an unsupported family fails before any work
     stats.check_model(config)
     selection.check_stats(stats)
-    check_counts(config.num_experts, selection.num_selected, recipe.groups)
+    check_counts(config.moe.experts.num_experts, selection.num_selected, recipe.groups)
     derived = conversion_statistics(stats)
     return plan_conversion(teacher, selection.selected, selection.weight_scores, recipe.groups, recipe.grouping,
                            recipe.dp_scaling, derived, routed_mass=derived["routed_mass"],
@@ -77,7 +77,7 @@ def convert(teacher: CausalLM, stats: CalibrationStats, selection, recipe: Conve
 def convert_random_ffn(teacher: CausalLM, groups: int, seed: int = 0) -> CausalLM:
     """The random-FFN baseline: the student architecture of ``groups`` (k) groups with the teacher's embeddings,
     attention, norms and LM head, and a freshly initialised FFN (normal(0, 0.02), biases 0)."""
-    e = teacher.config.num_experts
+    e = teacher.config.moe.experts.num_experts if teacher.config.is_moe else 0
     if not 1 <= groups <= e:
         raise ValueError(f"k={groups} groups: must be between 1 and the teacher's E={e} experts")
     return build_random_ffn_student(teacher, groups, seed)

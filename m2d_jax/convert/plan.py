@@ -33,7 +33,7 @@ def expert_weight_gram(teacher: TeacherLayers, layer: int, rule: StudentRule, se
     for path in rule.expert_paths.values():
         flat = teacher.get(layer, path)[index].reshape(len(selected), -1).astype(jnp.float32)  # [K, f]
         gram = gram + jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
-    full = np.zeros((teacher.config.num_experts,) * 2)
+    full = np.zeros((teacher.config.moe.experts.num_experts,) * 2)
     full[np.ix_(selected, selected)] = np.asarray(gram, np.float64)
     return full
 
@@ -70,14 +70,15 @@ def plan_conversion(teacher: CausalLM, selected, weight_scores, k: int, grouping
     weight_scores = np.asarray(weight_scores, np.float64)
     if selected.ndim != 2 or selected.shape[0] != len(moe_layers):
         raise ValueError(f"selected has shape {selected.shape}, expected [{len(moe_layers)} MoE layers, K]")
-    if weight_scores.shape != (len(moe_layers), config.num_experts):
+    if weight_scores.shape != (len(moe_layers), config.moe.experts.num_experts):
         raise ValueError(f"weight_scores has shape {weight_scores.shape}, expected "
-                         f"[{len(moe_layers)}, {config.num_experts}]")
+                         f"[{len(moe_layers)}, {config.moe.experts.num_experts}]")
     check_methods(grouping, dp_scaling)
-    check_counts(config.num_experts, selected.shape[1], k)
+    check_counts(config.moe.experts.num_experts, selected.shape[1], k)
     for row in selected:
-        if len(set(row.tolist())) != len(row) or row.min() < 0 or row.max() >= config.num_experts:
-            raise ValueError(f"selected experts {row.tolist()} must be distinct ids in [0, {config.num_experts})")
+        if len(set(row.tolist())) != len(row) or row.min() < 0 or row.max() >= config.moe.experts.num_experts:
+            raise ValueError(f"selected experts {row.tolist()} must be distinct ids in "
+                             f"[0, {config.moe.experts.num_experts})")
     normalized = rule.normalized_router(config)
     if normalized:
         routed_mass = np.ones(len(moe_layers))

@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from m2d_jax.convert.dense import DenseFFN, ExpertFFN, LayerPlan, concat_experts, pad_ffn
-from m2d_jax.models import CausalLM, ModelConfig, abstract_model
+from m2d_jax.convert.dense import DenseFFN, LayerPlan, concat_experts, pad_ffn
+from m2d_jax.models import CausalLM, ExpertWeights, ModelConfig, MoESpec, abstract_model
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ Path = tuple[str, ...]  # a parameter path relative to one decoder layer, e.g. (
 class StudentRule:
     """How one teacher family becomes its dense student.
 
-    Path maps go from a ``DenseFFN`` / ``ExpertFFN`` field name (gate, up, down, gate_bias, up_bias, down_bias) to
+    Path maps go from a ``DenseFFN`` / ``ExpertWeights`` field name (gate, up, down, gate_bias, up_bias, down_bias) to
     a layer-relative parameter path; a field absent from a map is absent in that family (e.g. no biases).
     """
     student_config: Callable[[ModelConfig, int], ModelConfig]  # (teacher config, FFN width) -> student config
@@ -48,32 +48,28 @@ class StudentRule:
     uniform_rule: str = "routing_mass"
 
     def routed_scaling_factor(self, config: ModelConfig) -> float:
-        return float(config.routed_scaling_factor)
+        return float(config.moe.router.routed_scaling_factor)
 
     def shared_width(self, config: ModelConfig) -> int:
-        return config.shared_expert_size if self.shared_paths else 0
+        return config.moe.experts.shared_size if self.shared_paths else 0
 
     def student_width(self, config: ModelConfig, k: int) -> int:
         """FFN width of the student: k * m + m_s (SPEC §1)."""
-        return k * config.moe_intermediate_size + self.shared_width(config)
-
-
-MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "router",
-              "router_bias", "expert_bias", "routed_scaling_factor", "topk_method", "n_group", "topk_group",
-              "shared_expert_size")
+        return k * config.moe.experts.intermediate_size + self.shared_width(config)
 
 
 def _all_dense(teacher: ModelConfig, width: int, family: str | None = None) -> ModelConfig:
-    """Every layer a dense FFN of ``width``; router, experts and shared experts removed (MoE fields at defaults)."""
-    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in MOE_FIELDS}
-    return teacher.replace(family=family or teacher.family, intermediate_size=width,
-                           ffn_kinds=("dense",) * teacher.num_layers, **fields)
+    """Every layer a dense FFN of ``width``; router, experts and shared experts removed (``moe=None``)."""
+    return teacher.replace(family=family or teacher.family, ffn=teacher.ffn.replace(intermediate_size=width),
+                           ffn_kinds=("dense",) * teacher.num_layers, moe=None)
 
 
 def _one_expert(teacher: ModelConfig, width: int) -> ModelConfig:
     """GPT-OSS student form (SPEC §1): every layer one routed expert of ``width``, top-1, the router kept."""
-    return teacher.replace(num_experts=1, num_experts_per_tok=1, moe_intermediate_size=width, intermediate_size=width,
-                           ffn_kinds=("moe",) * teacher.num_layers)
+    moe = MoESpec(router=teacher.moe.router.replace(top_k=1),
+                  experts=teacher.moe.experts.replace(num_experts=1, intermediate_size=width))
+    return teacher.replace(ffn=teacher.ffn.replace(intermediate_size=width), ffn_kinds=("moe",) * teacher.num_layers,
+                           moe=moe)
 
 
 def _named(prefix: Path, names=("gate", "up", "down"), leaf: tuple = ()) -> dict[str, Path]:
@@ -89,7 +85,7 @@ STUDENT_RULES: dict[str, StudentRule] = {
     "qwen3_moe": StudentRule(
         student_config=lambda teacher, width: _all_dense(teacher, width, "qwen3"),
         expert_paths=_EXPERTS, dense_paths=_SWIGLU_DENSE, student_paths=_SWIGLU_DENSE,
-        normalized_router=lambda config: config.norm_topk_prob),
+        normalized_router=lambda config: config.moe.router.norm_topk_prob),
     # DeepSeek-V2: all layers dense of width k*m + m_s (layer 0 zero-padded), shared experts appended with c = 1,
     # un-normalised router (rho * p), released students scale routed groups by rho * CP_g
     "deepseek_v2": StudentRule(
@@ -105,7 +101,7 @@ STUDENT_RULES: dict[str, StudentRule] = {
     # student is the same class with one expert (softmax over one logit = 1), like GPT-OSS
     **{family: StudentRule(
         student_config=_one_expert, expert_paths=_EXPERTS, dense_paths={}, student_paths=_EXPERTS,
-        zero_paths=(("moe", "router"),), normalized_router=lambda config: config.norm_topk_prob)
+        zero_paths=(("moe", "router"),), normalized_router=lambda config: config.moe.router.norm_topk_prob)
        for family in ("olmoe", "mixtral")},
 }
 
@@ -160,8 +156,8 @@ def student_ffns(teacher: CausalLM, plans: dict[int, LayerPlan], rule: StudentRu
         if layers.kind(layer) == "moe":
             plan = plans[layer]
             used = np.flatnonzero(plan.alpha.any(axis=0))  # the K selected experts: only these are read
-            experts = layers.ffn(layer, rule.expert_paths, ExpertFFN)
-            experts = ExpertFFN(*(None if x is None else x[used] for x in experts))
+            experts = layers.ffn(layer, rule.expert_paths, ExpertWeights)
+            experts = ExpertWeights(*(None if x is None else x[used] for x in experts))
             shared = layers.ffn(layer, rule.shared_paths, DenseFFN) if rule.shared_paths else None
             ffn = concat_experts(experts, jnp.asarray(plan.alpha[:, used], jnp.float32),
                                  jnp.asarray(plan.scales, jnp.float32), shared)
@@ -189,15 +185,17 @@ def random_ffns(config: ModelConfig, rule: StudentRule, width: int, seed: int = 
 
 def assemble_student(teacher: CausalLM, student_config: ModelConfig, ffns, rule: StudentRule) -> CausalLM:
     """The student model: FFN leaves from ``ffns`` ((layer, DenseFFN) pairs), every other leaf copied from the
-    teacher leaf of the same path (per layer for stacked leaves), in the student's parameter dtype."""
+    teacher leaf of the same path (per layer for stacked leaves), in the teacher's parameter dtype and runtime
+    (routing at the student's own top-k)."""
     started = time.perf_counter()
-    graphdef, abs_state = nnx.split(abstract_model(student_config))
+    runtime = teacher.runtime.replace(top_k=0)
+    graphdef, abs_state = nnx.split(abstract_model(student_config, runtime))
     abs_vars = {tuple(k): v for k, v in abs_state.flat_state()}
     teacher_layers = TeacherLayers(teacher)
     ffn_fields = {path: name for name, path in rule.student_paths.items()}
     by_layer: dict[int, DenseFFN] = {}
     for layer, ffn in ffns:  # cast as they come: peak memory is the student plus one float32 FFN
-        by_layer[layer] = DenseFFN(*(None if a is None else a.astype(student_config.dtype) for a in ffn))
+        by_layer[layer] = DenseFFN(*(None if a is None else a.astype(runtime.param_dtype) for a in ffn))
     values = {}
     for path, var in abs_vars.items():
         target = var.get_value()
@@ -230,7 +228,7 @@ def assemble_student(teacher: CausalLM, student_config: ModelConfig, ffns, rule:
         values[path] = var.replace(jnp.asarray(array, target.dtype))
     student = nnx.merge(graphdef, nnx.State.from_flat_path(values))
     log.info("assembled %s student (%d layers, FFN width %d) in %.1fs", student_config.family,
-             student_config.num_layers, student_config.intermediate_size, time.perf_counter() - started)
+             student_config.num_layers, student_config.ffn.intermediate_size, time.perf_counter() - started)
     return student
 
 

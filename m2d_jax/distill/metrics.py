@@ -10,26 +10,59 @@ import jax
 from m2d_jax.models import ModelConfig
 
 
-def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Matmul FLOPs of one token's forward pass: attention projections, attention over the mean causal context
-    ((seq+1)/2 keys), the FFN (k routed experts + router for MoE layers), and the LM head."""
-    d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    projections = 2 * d * (2 * h * hd + 2 * kv * hd)
-    attention = 2 * 2 * h * hd * (seq_len + 1) / 2
+def mean_context(seq_len: int, window: int | None = None) -> float:
+    """Mean number of keys a query attends to over a causal sequence of ``seq_len`` (within ``window`` if given)."""
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Matmul FLOPs of one token's attention in all layers: the projections (GQA q/k/v/o; MLA's low-rank query,
+    compressed key/value latent, its per-head expansion and o) plus scores and weighted values over the mean causal
+    context of each layer (sliding-window layers see at most the window)."""
+    a, d = config.attention, config.hidden_size
+    if a.mla is None:
+        qk_dim = v_dim = a.head_dim
+        projections = 2 * d * (2 * a.num_heads * a.head_dim + 2 * a.num_kv_heads * a.head_dim)
+    else:
+        m = a.mla
+        qk_dim, v_dim = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+        q = (2 * d * a.num_heads * qk_dim if m.q_lora_rank is None
+             else 2 * d * m.q_lora_rank + 2 * m.q_lora_rank * a.num_heads * qk_dim)
+        kv = 2 * d * (m.kv_lora_rank + m.qk_rope_head_dim) + 2 * m.kv_lora_rank * a.num_heads * (
+            m.qk_nope_head_dim + v_dim)
+        projections = q + kv + 2 * a.num_heads * v_dim * d
     total = 0.0
+    for layer_type in a.layer_types:
+        window = a.sliding_window if layer_type == "sliding_attention" else None
+        total += projections + 2 * a.num_heads * (qk_dim + v_dim) * mean_context(seq_len, window)
+    return total
+
+
+def forward_flops_per_token(config: ModelConfig, seq_len: int, top_k: int = 0) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one token's forward pass: attention (``attention_flops_per_token``),
+    each layer's FFN (dense; or router + the ``top_k`` routed experts (0 = as trained) + the shared experts), and
+    the LM head."""
+    d = config.hidden_size
+    total = attention_flops_per_token(config, seq_len) + 2 * d * config.vocab_size
     for kind in config.ffn_kinds:
         if kind == "moe":
-            ffn = config.num_experts_per_tok * 3 * 2 * d * config.moe_intermediate_size + 2 * d * config.num_experts
+            experts = config.moe.experts
+            k = top_k or config.moe.router.top_k
+            total += (2 * d * experts.num_experts + k * 3 * 2 * d * experts.intermediate_size
+                      + 3 * 2 * d * experts.shared_size)
         else:
-            ffn = 3 * 2 * d * config.intermediate_size
-        total += projections + attention + ffn
-    return total + 2 * d * config.vocab_size
+            total += 3 * 2 * d * config.ffn.intermediate_size
+    return total
 
 
-def train_flops_per_token(student: ModelConfig, teacher: ModelConfig | None, seq_len: int) -> float:
-    """Student forward + backward (3x forward) plus the teacher forward (none for plain LM training)."""
+def train_flops_per_token(student: ModelConfig, teacher: ModelConfig | None, seq_len: int,
+                          teacher_top_k: int = 0) -> float:
+    """Student forward + backward (3x forward) plus the teacher forward (routed to ``teacher_top_k`` experts per
+    token, 0 = as trained; none for plain LM training)."""
     flops = 3 * forward_flops_per_token(student, seq_len)
-    return flops + (forward_flops_per_token(teacher, seq_len) if teacher is not None else 0.0)
+    return flops + (forward_flops_per_token(teacher, seq_len, teacher_top_k) if teacher is not None else 0.0)
 
 
 class MetricsWriter:

@@ -27,8 +27,8 @@ from m2d_jax.config_utils import load_config
 from m2d_jax.distill.objectives import OBJECTIVES, Objective, objective_from_config
 from m2d_jax.distill.schedule import wsd_schedule
 from m2d_jax.distill.sharding import (BATCH_AXES, batch_sharding, check_batch, make_mesh, param_shardings,
-                                      replicated, shard_params)
-from m2d_jax.models import CausalLM, ModelConfig, abstract_model, with_config
+                                      replicated)
+from m2d_jax.models import CausalLM, ModelConfig, abstract_model, load_runtime
 from m2d_jax.models.config import DTYPES
 
 log = logging.getLogger(__name__)
@@ -85,33 +85,28 @@ def check_config(config: ConfigDict) -> None:
 
 
 # ---- models --------------------------------------------------------------------------------------------------------
-def load_for_mesh(path: str | Path, mesh: Mesh, dtype: str, **config_overrides) -> tuple[CausalLM, dict]:
-    """A model from an HF or m2d_jax checkpoint with its parameters placed on ``mesh`` by the logical-axis rules.
+def load_for_mesh(path: str | Path, mesh: Mesh, dtype: str, **runtime_fields) -> tuple[CausalLM, dict]:
+    """A model from an HF or m2d_jax checkpoint with its parameters placed on ``mesh`` by the logical-axis rules,
+    in ``dtype`` and with ``runtime_fields`` (``RuntimeConfig`` fields: compute dtype, remat, dispatch, top_k).
 
-    Returns (model, parameter shardings). m2d_jax checkpoints restore straight into the sharded layout; HF
-    checkpoints are imported on the host, then placed.
+    Returns (model, parameter shardings). Either checkpoint kind loads straight into the sharded layout.
     """
-    from m2d_jax import checkpoint
-    from m2d_jax.hf import load_hf
+    from m2d_jax import from_pretrained
+    from m2d_jax.info import load_config
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: model checkpoint not found")
-    if checkpoint.is_m2d_checkpoint(path):
-        config = ModelConfig.from_dict(checkpoint.read_record(path)["config"]).replace(dtype=dtype)
-        shardings = param_shardings(abstract_model(config), mesh)
-        model = checkpoint.load_model(path, dtype=dtype, sharding=lambda kp, _: _lookup(shardings, kp))
-    else:
-        model = load_hf(path, dtype=dtype)
-        shardings = param_shardings(model, mesh)
-    model = with_config(model, **config_overrides)  # runtime fields only: compute dtype, remat, dispatch, top-k
-    graphdef, params = nnx.split(model, nnx.Param)
-    return nnx.merge(graphdef, shard_params(params.to_pure_dict(), shardings)), shardings
+    config, _ = load_config(path)
+    runtime = load_runtime(dtype, **runtime_fields)
+    shardings = param_shardings(abstract_model(config, runtime), mesh)
+    model = from_pretrained(path, runtime=runtime, progress=False, sharding=lambda keys, _: _lookup(shardings, keys))
+    return model, shardings
 
 
-def _lookup(tree, keypath):
-    for key in keypath:
-        tree = tree[getattr(key, "key", getattr(key, "idx", key))]
+def _lookup(tree, keys):
+    for key in keys:
+        tree = tree[key]
     return tree
 
 
@@ -243,10 +238,8 @@ def prepare(config: ConfigDict, devices=None) -> Trainer:
         remat=config.student.remat, moe_dispatch=config.student.moe_dispatch)
     teacher_config, teacher_params, teacher_shardings, teacher_graphdef = None, {}, {}, None
     if objective.uses_teacher:
-        overrides = {"moe_dispatch": config.teacher.moe_dispatch}
-        if config.teacher.top_k:
-            overrides["num_experts_per_tok"] = config.teacher.top_k
-        teacher, teacher_shardings = load_for_mesh(config.teacher.path, mesh, config.teacher.dtype, **overrides)
+        teacher, teacher_shardings = load_for_mesh(config.teacher.path, mesh, config.teacher.dtype,
+                                                   moe_dispatch=config.teacher.moe_dispatch, top_k=config.teacher.top_k)
         teacher_config = teacher.config
         if teacher_config.vocab_size != student.config.vocab_size:
             raise ValueError(f"teacher vocab_size {teacher_config.vocab_size} != student vocab_size "
@@ -298,8 +291,8 @@ def run(config: ConfigDict, devices=None) -> dict[str, Any]:
 
     writer = MetricsWriter(workdir, config.logging.tensorboard)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops_per_step = train_flops_per_token(trainer.student_config, trainer.teacher_config,
-                                           config.data.seq_len) * tokens_per_step
+    flops_per_step = train_flops_per_token(trainer.student_config, trainer.teacher_config, config.data.seq_len,
+                                           config.teacher.top_k) * tokens_per_step
     peak = config.logging.peak_flops_per_device * trainer.mesh.size
     last: dict[str, float] = {}
     step = start
@@ -345,7 +338,7 @@ def save_student(config: ConfigDict, student_config: ModelConfig, params: dict, 
     from m2d_jax.pipeline import source_provenance
 
     out = Path(config.student_out or Path(config.workdir) / "student")
-    graphdef, abs_state = nnx.split(abstract_model(student_config.replace(remat=False)))
+    graphdef, abs_state = nnx.split(abstract_model(student_config))
     nnx.replace_by_pure_dict(abs_state, params)
     metadata = Provenance("distilled", **source_provenance(config.student.path),
                           teacher=str(Path(config.teacher.path).absolute()) if config.teacher.path else None,

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from m2d_jax.artifacts import atomic_directory, check_outputs
 from m2d_jax.hf.adapters import adapter_for
 from m2d_jax.hf.load import hf_tensors
-from m2d_jax.hf.safetensors_io import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, CheckpointError
+from m2d_jax.errors import CheckpointError
+from m2d_jax.hf.safetensors_io import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from m2d_jax.models import CausalLM
 
 log = logging.getLogger(__name__)
@@ -121,11 +122,7 @@ def export_model(model: CausalLM, out_dir: str | Path, tokenizer_from: str | Pat
     out_dir = Path(out_dir)
     check_outputs(out_dir, overwrite=overwrite)  # fail before any work
     config = model.config
-    adapter = adapter_for(config.family, "model.config")
-    if not hasattr(adapter, "config_to_hf"):
-        raise ValueError(f"the {config.family} adapter ({type(adapter).__name__}) has no config_to_hf: "
-                         f"export of this family is not supported")
-    hf_config = adapter.config_to_hf(config)
+    hf_config = {**adapter_for(config.family, "model.config").config_to_hf(config), "dtype": model.runtime.param_dtype}
     source = Path(tokenizer_from) if tokenizer_from is not None else None
     if source is not None and not source.is_dir():
         raise FileNotFoundError(f"--tokenizer-from {source}: not a directory")

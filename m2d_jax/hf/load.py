@@ -1,8 +1,8 @@
 """Streaming HF import (and its inverse, the HF tensor view of a model used by export).
 
 Import walks the parameter leaves of the abstract model one at a time: for each leaf it allocates one host buffer,
-fills it slice by slice from memory-mapped safetensors (converting to the target dtype as it copies), moves it to
-the device and drops it. Peak host memory is the output tree plus one leaf; the checkpoint is never loaded whole.
+fills it slice by slice from memory-mapped safetensors (converting to the target dtype as it copies), places it (on
+the default device, or sharded as the loader's ``sharding`` says) and drops it. Peak host memory is the output tree plus one leaf; the checkpoint is never loaded whole.
 """
 
 from __future__ import annotations
@@ -11,18 +11,21 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from m2d_jax.hf.adapters import IGNORED_KEY_SUFFIXES, adapter_for
+from m2d_jax.errors import CheckpointError
+from m2d_jax.hf.adapters import IGNORED_KEY_SUFFIXES, DecoderAdapter, adapter_for
 from m2d_jax.hf.keymap import Rule
 from m2d_jax.hf.mxfp4 import MXFP4Checkpoint
-from m2d_jax.hf.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from m2d_jax.models import CausalLM, ModelConfig, abstract_model
+from m2d_jax.hf.safetensors_io import SafetensorsCheckpoint
+from m2d_jax.models import CausalLM, ModelConfig, RuntimeConfig, abstract_model, load_runtime
+
+HF_IMPORT_DTYPE = "float32"  # parameter dtype of an HF import unless the loader is given one
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +40,10 @@ def read_hf_config(path: str | Path) -> tuple[dict, str]:
         raise CheckpointError(f"{config_path}: malformed JSON ({err})") from err
 
 
-def hf_model_config(path: str | Path, **overrides) -> ModelConfig:
-    """The ``ModelConfig`` of an HF checkpoint directory (reads config.json only)."""
+def hf_model_config(path: str | Path) -> ModelConfig:
+    """The architecture (``ModelConfig``) of an HF checkpoint directory (reads config.json only)."""
     hf, source = read_hf_config(path)
-    config = adapter_for(hf.get("model_type"), source).config_from_hf(hf, source)
-    return config.replace(**overrides) if overrides else config
+    return adapter_for(hf.get("model_type"), source).config_from_hf(hf, source)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -66,16 +68,18 @@ class _Placement:
                 yield self.rule.hf.format(layer=self.start + local), (local,)
 
 
-def _placements(model_config: ModelConfig, adapter, expert_layout: str) -> dict[tuple, tuple[_Placement, int]]:
+def _placements(model_config: ModelConfig, adapter: DecoderAdapter, expert_layout: str
+                ) -> dict[tuple, tuple[_Placement, int]]:
     """Full leaf path -> (placement, component index of the rule's transform output)."""
     out: dict[tuple, tuple[_Placement, int]] = {}
     for r in adapter.global_rules(model_config):
         for i, p in enumerate(r.paths):
             out[p] = (_Placement(r, ()), i)
+    num_experts = model_config.moe.experts.num_experts if model_config.is_moe else 0
     for s, (kind, start, num) in enumerate(model_config.stacks):
         prefix = ("stacks", s)
         for r in adapter.layer_rules(model_config, kind, expert_layout):
-            placement = _Placement(r, prefix, start, num, model_config.num_experts)
+            placement = _Placement(r, prefix, start, num, num_experts)
             for i, p in enumerate(r.paths):
                 out[prefix + p] = (placement, i)
     return out
@@ -87,8 +91,8 @@ def _leaf_shapes(placement: _Placement, abs_leaves: dict) -> list[tuple[int, ...
     return [tuple(abs_leaves[placement.prefix + p].shape[n_index:]) for p in placement.rule.paths]
 
 
-def _detect_expert_layout(ckpt: SafetensorsCheckpoint, model_config: ModelConfig, adapter) -> str:
-    layouts = getattr(adapter, "expert_layouts", ("per_expert",))
+def _detect_expert_layout(ckpt: SafetensorsCheckpoint, model_config: ModelConfig, adapter: DecoderAdapter) -> str:
+    layouts = adapter.expert_layouts
     if not model_config.moe_layers:
         return layouts[0]
     for layout in layouts:
@@ -98,13 +102,22 @@ def _detect_expert_layout(ckpt: SafetensorsCheckpoint, model_config: ModelConfig
     return layouts[0]  # let the missing-key error name the expected key
 
 
-def load_hf(path: str | Path, dtype: str = "float32", progress: bool = True, **config_overrides) -> CausalLM:
-    """Import an HF safetensors checkpoint directory into a ``CausalLM`` (params in ``dtype``)."""
+def load_hf(path: str | Path, *, dtype: str | None = None, progress: bool = True, sharding: Callable | None = None,
+            runtime: RuntimeConfig | None = None, **runtime_fields) -> CausalLM:
+    """Import an HF safetensors checkpoint directory into a ``CausalLM``.
+
+    The loader flags are those of every loader (``m2d_jax.from_pretrained``): ``dtype`` is the parameter and compute
+    dtype (default float32); ``runtime`` or runtime field keywords (``moe_dispatch="dense"``, ``top_k=4``...) choose
+    how the model runs (``load_runtime``); ``sharding(path, abstract) -> Sharding`` places each parameter leaf
+    (``path`` a tuple of keys such as ``("stacks", 0, "moe", "gate_proj")``; default: the default device);
+    ``progress`` shows a progress bar.
+    """
     path = Path(path)
+    runtime = load_runtime(HF_IMPORT_DTYPE, dtype, runtime, **runtime_fields)
     hf, source = read_hf_config(path)
     adapter = adapter_for(hf.get("model_type"), source)
-    model_config = adapter.config_from_hf(hf, source).replace(dtype=dtype, compute_dtype=dtype, **config_overrides)
-    abs_model = abstract_model(model_config)
+    model_config = adapter.config_from_hf(hf, source)
+    abs_model = abstract_model(model_config, runtime)
     graphdef, abs_state = nnx.split(abs_model)
     abs_vars = {tuple(k): v for k, v in abs_state.flat_state()}
     abs_leaves = {k: v.get_value() for k, v in abs_vars.items()}
@@ -133,7 +146,9 @@ def load_hf(path: str | Path, dtype: str = "float32", progress: bool = True, **c
                                           f"expected {expected_hf} from {source}")
                 buf[index] = placement.rule.transform.to_m2d(tensor, shapes)[component]
                 used.add(key)
-            values[leaf_path] = jax.device_put(buf)
+            leaf_sharding = None if sharding is None else sharding(
+                leaf_path, jax.ShapeDtypeStruct(abstract.shape, abstract.dtype))
+            values[leaf_path] = jax.device_put(buf, leaf_sharding)
             del buf
             bar.update(np.dtype(abstract.dtype).itemsize * int(np.prod(abstract.shape)))
         bar.close()

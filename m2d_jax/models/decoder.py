@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m2d_jax.models.config import ModelConfig
+from m2d_jax.models.config import ModelConfig, RuntimeConfig
 from m2d_jax.models.layers import MLP, Attention, dtype_of, make_attention_mask, param, rms_norm
 from m2d_jax.models.mla import MLAttention
 from m2d_jax.models.rope import rope_cos_sin
@@ -18,15 +18,16 @@ from m2d_jax.models.moe import MoE
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense or MoE (``kind``)."""
 
-    def __init__(self, config: ModelConfig, kind: str, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, runtime: RuntimeConfig, kind: str, rngs: nnx.Rngs):
+        dt = dtype_of(runtime.param_dtype)
         self.kind = kind
-        self.input_norm = rms_norm(config, config.hidden_size, rngs)
-        self.attn = MLAttention(config, rngs) if config.attention == "mla" else Attention(config, rngs)
-        self.post_attn_norm = rms_norm(config, config.hidden_size, rngs)
+        self.input_norm = rms_norm(config.norm, config.hidden_size, dt, rngs)
+        self.attn = (MLAttention if config.attention.kind == "mla" else Attention)(config, dt, rngs)
+        self.post_attn_norm = rms_norm(config.norm, config.hidden_size, dt, rngs)
         if kind == "moe":
-            self.moe = MoE(config, rngs)
+            self.moe = MoE(config, runtime, rngs)
         else:
-            self.mlp = MLP(config, config.intermediate_size, rngs)
+            self.mlp = MLP(config.ffn, config.hidden_size, config.ffn.intermediate_size, dt, rngs)
 
     def __call__(self, x, cos, sin, mask, observe=None, cache=None, cache_index=None):
         """x: [B, T, d] -> (x', the MoE observation or None), plus the updated attention cache when given one."""
@@ -44,13 +45,14 @@ class DecoderLayer(nnx.Module):
         return (x, observation) if cache is None else (x, observation, cache)
 
 
-def _stacked_layers(config: ModelConfig, kind: str, num: int, rngs: nnx.Rngs) -> DecoderLayer:
+def _stacked_layers(config: ModelConfig, runtime: RuntimeConfig, kind: str, num: int, rngs: nnx.Rngs
+                    ) -> DecoderLayer:
     """``num`` layers with parameters stacked on a leading ``layers`` axis."""
 
     @nnx.split_rngs(splits=num)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(r):
-        return DecoderLayer(config, kind, r)
+        return DecoderLayer(config, runtime, kind, r)
 
     return make(rngs)
 
@@ -63,15 +65,21 @@ class DecodeCache(NamedTuple):
 
 
 class CausalLM(nnx.Module):
-    """Decoder-only causal LM. ``model(input_ids, attention_mask=None) -> logits [batch, seq, vocab]``."""
+    """Decoder-only causal LM. ``model(input_ids, attention_mask=None) -> logits [batch, seq, vocab]``.
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None = None):
+    ``config`` is the architecture (``model.config``), ``runtime`` how it runs (``model.runtime``: dtypes, MoE
+    dispatch, remat, expanded top-k'; default ``RuntimeConfig()``). ``m2d_jax.models.with_runtime`` changes the
+    runtime of a built model; the architecture of a built model does not change.
+    """
+
+    def __init__(self, config: ModelConfig, runtime: RuntimeConfig | None = None, rngs: nnx.Rngs | None = None):
+        runtime = runtime if runtime is not None else RuntimeConfig()
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        dt = dtype_of(config.dtype)
-        self.config = config
+        dt = dtype_of(runtime.param_dtype)
+        self.config, self.runtime = config, runtime
         self.embed = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dt)
-        self.stacks = nnx.List([_stacked_layers(config, kind, num, rngs) for kind, _, num in config.stacks])
-        self.final_norm = rms_norm(config, config.hidden_size, rngs)
+        self.stacks = nnx.List([_stacked_layers(config, runtime, kind, num, rngs) for kind, _, num in config.stacks])
+        self.final_norm = rms_norm(config.norm, config.hidden_size, dt, rngs)
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), dt)
 
@@ -89,7 +97,7 @@ class CausalLM(nnx.Module):
         row (so left-padded prompts get 0-based positions), and ``(hidden, updated cache)`` is returned.
         """
         c = self.config
-        cdt = dtype_of(c.compute_dtype)
+        cdt = dtype_of(self.runtime.compute_dtype)
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
@@ -105,8 +113,8 @@ class CausalLM(nnx.Module):
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(cdt)
         cos, sin = rope_cos_sin(c, position_ids)  # [B, T, rope_dim / 2] float32
-        windows = jnp.asarray([c.sliding_window if lt == "sliding_attention" else 0 for lt in c.layer_types],
-                              jnp.int32)  # [L]
+        windows = jnp.asarray([c.attention.sliding_window if lt == "sliding_attention" else 0
+                               for lt in c.attention.layer_types], jnp.int32)  # [L]
         stack_outputs = []  # per stack: its observations, or its updated cache when decoding
         for i, (stack, (kind, start, num)) in enumerate(zip(self.stacks, c.stacks)):
             graphdef, state = nnx.split(stack)
@@ -120,7 +128,7 @@ class CausalLM(nnx.Module):
                 h, _, layer_cache = layer(h, cos, sin, mask, cache=layer_cache, cache_index=cache.index)
                 return h, layer_cache
 
-            if c.remat:
+            if self.runtime.remat:
                 body = jax.checkpoint(body, prevent_cse=False)
             stack_cache = None if cache is None else cache.layers[i]
             x, stack_output = jax.lax.scan(body, x, (state, windows[start:start + num], stack_cache))
@@ -135,7 +143,7 @@ class CausalLM(nnx.Module):
 
         Each stack's entry is its attention module's ``init_cache(batch, max_len, dtype)`` with a leading layer axis.
         """
-        dt = dtype_of(self.config.compute_dtype)
+        dt = dtype_of(self.runtime.compute_dtype)
         layers = tuple(jax.tree.map(lambda a, n=num: jnp.zeros((n,) + a.shape, a.dtype),
                                     stack.attn.init_cache(batch, max_len, dt))
                        for stack, (_, _, num) in zip(self.stacks, self.config.stacks))

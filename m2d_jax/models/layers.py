@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m2d_jax.models.config import ModelConfig
+from m2d_jax.models.config import FFNSpec, ModelConfig, NormSpec
 from m2d_jax.models.rope import apply_rope, softmax_scale
 
-# Logical axis names used on parameters; the distillation mesh rules map these onto mesh axes.
-#   vocab, embed, heads, kv_heads, head_dim, mlp, exp, layers
+# Logical axis names used on parameters; the distillation mesh rules (m2d_jax.distill.sharding) map these onto
+# mesh axes: vocab, embed, heads, kv_heads, head_dim, mlp, exp, layers, and q_lora, kv_lora (MLA latents).
 LARGE_NEGATIVE = -1e30  # finite mask value: fully masked (padding) rows stay NaN-free
 
 
@@ -52,8 +52,8 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
-def rms_norm(config: ModelConfig, dim: int, rngs: nnx.Rngs, axis_name: str = "embed") -> RMSNorm:
-    return RMSNorm(dim, config.rms_norm_eps, dtype_of(config.dtype), rngs, axis_name, config.norm_weight_in_float32)
+def rms_norm(norm: NormSpec, dim: int, dtype, rngs: nnx.Rngs, axis_name: str = "embed") -> RMSNorm:
+    return RMSNorm(dim, norm.eps, dtype, rngs, axis_name, norm.weight_in_float32)
 
 
 # ---- attention ---------------------------------------------------------------------------------------------
@@ -102,48 +102,46 @@ class Attention(nnx.Module):
     """Grouped-query attention with the family options: per-head or full-projection q/k RMSNorm, q/k/v clipping,
     projection biases, learned sinks, and a per-layer sliding window (through ``mask``)."""
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        c, dt = config, dtype_of(config.dtype)
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        a, d = config.attention, config.hidden_size
         self.config = config
-        self.q_proj = Linear((c.hidden_size,), (c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"),
-                             c.attention_bias, dt, rngs)
-        self.k_proj = Linear((c.hidden_size,), (c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
-                             c.attention_bias, dt, rngs)
-        self.v_proj = Linear((c.hidden_size,), (c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"),
-                             c.attention_bias, dt, rngs)
-        self.o_proj = Linear((c.num_heads, c.head_dim), (c.hidden_size,), ("heads", "head_dim"), ("embed",),
-                             c.attention_bias, dt, rngs)
-        if c.qk_norm == "head":
-            self.q_norm = rms_norm(c, c.head_dim, rngs, axis_name="head_dim")
-            self.k_norm = rms_norm(c, c.head_dim, rngs, axis_name="head_dim")
-        elif c.qk_norm == "full":  # over the whole projection, stored flat as [heads * head_dim]
-            self.q_norm = rms_norm(c, c.num_heads * c.head_dim, rngs, axis_name="heads")
-            self.k_norm = rms_norm(c, c.num_kv_heads * c.head_dim, rngs, axis_name="kv_heads")
-        if c.attention_sinks:
-            self.sinks = param(rngs, (c.num_heads,), ("heads",), dt)
+        self.q_proj = Linear((d,), (a.num_heads, a.head_dim), ("embed",), ("heads", "head_dim"), a.bias, dtype, rngs)
+        self.k_proj = Linear((d,), (a.num_kv_heads, a.head_dim), ("embed",), ("kv_heads", "head_dim"), a.bias, dtype,
+                             rngs)
+        self.v_proj = Linear((d,), (a.num_kv_heads, a.head_dim), ("embed",), ("kv_heads", "head_dim"), a.bias, dtype,
+                             rngs)
+        self.o_proj = Linear((a.num_heads, a.head_dim), (d,), ("heads", "head_dim"), ("embed",), a.bias, dtype, rngs)
+        if a.qk_norm == "head":
+            self.q_norm = rms_norm(config.norm, a.head_dim, dtype, rngs, axis_name="head_dim")
+            self.k_norm = rms_norm(config.norm, a.head_dim, dtype, rngs, axis_name="head_dim")
+        elif a.qk_norm == "full":  # over the whole projection, stored flat as [heads * head_dim]
+            self.q_norm = rms_norm(config.norm, a.num_heads * a.head_dim, dtype, rngs, axis_name="heads")
+            self.k_norm = rms_norm(config.norm, a.num_kv_heads * a.head_dim, dtype, rngs, axis_name="kv_heads")
+        if a.sinks:
+            self.sinks = param(rngs, (a.num_heads,), ("heads",), dtype)
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         """x [B, T, d] -> [B, T, d]; with a ``cache`` (see ``init_cache``) -> (out, updated cache)."""
-        c = self.config
+        a = self.config.attention
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H|KV, D]
-        if c.qk_norm == "head":
+        if a.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        elif c.qk_norm == "full":
+        elif a.qk_norm == "full":
             q = self.q_norm(q.reshape(q.shape[:2] + (-1,))).reshape(q.shape)
             k = self.k_norm(k.reshape(k.shape[:2] + (-1,))).reshape(k.shape)
-        if c.clip_qkv is not None:
-            q, k, v = (jnp.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
+        if a.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -a.clip_qkv, a.clip_qkv) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # decoding: attend over every cached slot; ``mask`` is built over the cache slots
             cache = write_cache(cache, cache_index, k=k, v=v)
             k, v = cache["k"], cache["v"]  # [B, S, KV, D]
-        sinks = self.sinks[...] if c.attention_sinks else None
-        out = self.o_proj(dot_product_attention(q, k, v, mask, softmax_scale(c), sinks))
+        sinks = self.sinks[...] if a.sinks else None
+        out = self.o_proj(dot_product_attention(q, k, v, mask, softmax_scale(self.config), sinks))
         return out if cache is None else (out, cache)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> dict:
         """Zeroed per-layer decode cache: post-RoPE keys and values, {"k", "v"}: [batch, max_len, kv_heads, D]."""
-        shape = (batch, max_len, self.config.num_kv_heads, self.config.head_dim)
+        shape = (batch, max_len, self.config.attention.num_kv_heads, self.config.attention.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
@@ -175,12 +173,12 @@ class Linear(nnx.Module):
 
 
 # ---- feed-forward ------------------------------------------------------------------------------------------
-def glu_activation(config: ModelConfig):
+def glu_activation(ffn: FFNSpec):
     """The elementwise gated unit phi(gate, up) of the family's SwiGLU FFNs (acts per neuron pair)."""
-    if config.hidden_act == "silu":
+    if ffn.activation == "silu":
         return lambda gate, up: jax.nn.silu(gate) * up
-    if config.hidden_act == "clamped_swiglu":  # GPT-OSS
-        alpha, limit = config.swiglu_alpha, config.swiglu_limit
+    if ffn.activation == "clamped_swiglu":  # GPT-OSS
+        alpha, limit = ffn.swiglu_alpha, ffn.swiglu_limit
 
         def clamped(gate, up):
             gate = jnp.minimum(gate, limit)
@@ -188,19 +186,18 @@ def glu_activation(config: ModelConfig):
             return (up + 1) * (gate * jax.nn.sigmoid(gate * alpha))
 
         return clamped
-    raise ValueError(f"unsupported hidden_act {config.hidden_act!r}")
+    raise ValueError(f"unsupported FFN activation {ffn.activation!r}")
 
 
 class MLP(nnx.Module):
-    """Dense SwiGLU FFN: down(phi(gate(x), up(x))) (+ biases with ``config.mlp_bias``)."""
+    """Dense SwiGLU FFN of ``width``: down(phi(gate(x), up(x))) (+ biases with ``ffn.bias``)."""
 
-    def __init__(self, config: ModelConfig, width: int, rngs: nnx.Rngs):
-        dt = dtype_of(config.dtype)
-        self.config = config
-        d, bias = config.hidden_size, config.mlp_bias
-        self.gate_proj = Linear((d,), (width,), ("embed",), ("mlp",), bias, dt, rngs)
-        self.up_proj = Linear((d,), (width,), ("embed",), ("mlp",), bias, dt, rngs)
-        self.down_proj = Linear((width,), (d,), ("mlp",), ("embed",), bias, dt, rngs)
+    def __init__(self, ffn: FFNSpec, hidden_size: int, width: int, dtype, rngs: nnx.Rngs):
+        self.ffn = ffn
+        d, bias = hidden_size, ffn.bias
+        self.gate_proj = Linear((d,), (width,), ("embed",), ("mlp",), bias, dtype, rngs)
+        self.up_proj = Linear((d,), (width,), ("embed",), ("mlp",), bias, dtype, rngs)
+        self.down_proj = Linear((width,), (d,), ("mlp",), ("embed",), bias, dtype, rngs)
 
     def __call__(self, x):
-        return self.down_proj(glu_activation(self.config)(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(glu_activation(self.ffn)(self.gate_proj(x), self.up_proj(x)))

@@ -12,6 +12,9 @@ for free. No strategy ever drops a token:
   fixed number of blocks at a time with gathered expert weights: a block-sparse grouped matmul whose cost does not
   depend on routing skew (the CPU default).
 - ``ragged``: sorted assignments through ``jax.lax.ragged_dot`` (the grouped-matmul path on TPU/GPU).
+- ``auto`` (the default): ``blocks`` on CPU, ``ragged`` on TPU/GPU (``default_dispatch``).
+
+These are ``m2d_jax.models.config.DISPATCHES``; ``RuntimeConfig.moe_dispatch`` chooses one.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m2d_jax.models.config import DISPATCHES, ModelConfig
+from m2d_jax.models.config import DISPATCHES, ModelConfig, RuntimeConfig
 from m2d_jax.models.layers import MLP, dtype_of, glu_activation, param
 
 
 class ExpertWeights(NamedTuple):
+    """One layer's routed experts, stacked on a leading expert axis (the model's MoE layer, calibration's view of
+    it, and the conversion's merge all use this one type). Biases are None for families without them."""
     gate: jax.Array  # [E, embed, mlp]
     up: jax.Array  # [E, embed, mlp]
     down: jax.Array  # [E, mlp, embed]
@@ -233,57 +238,60 @@ def _unsort(y_sorted, order):
 
 class MoE(nnx.Module):
     """Routed SwiGLU experts stacked on a leading expert axis, a linear router (+ bias), and optional always-on
-    shared experts (one dense MLP of width ``shared_expert_size``, added with weight 1)."""
+    shared experts (one dense MLP of width ``experts.shared_size``, added with weight 1). The runtime chooses the
+    dispatch and may expand the routing to ``runtime.top_k`` experts per token."""
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        c, dt = config, dtype_of(config.dtype)
-        self.config = config
-        e, d, m = c.num_experts, c.hidden_size, c.moe_intermediate_size
+    def __init__(self, config: ModelConfig, runtime: RuntimeConfig, rngs: nnx.Rngs):
+        dt = dtype_of(runtime.param_dtype)
+        self.config, self.runtime = config, runtime
+        self.top_k = runtime.top_k_for(config)
+        router, experts = config.moe.router, config.moe.experts
+        e, d, m = experts.num_experts, config.hidden_size, experts.intermediate_size
         self.router = param(rngs, (d, e), ("embed", "exp"), dt)
-        if c.router_bias:
+        if router.bias:
             self.router_bias = param(rngs, (e,), ("exp",), dt, init="zeros")
         self.gate_proj = param(rngs, (e, d, m), ("exp", "embed", "mlp"), dt)
         self.up_proj = param(rngs, (e, d, m), ("exp", "embed", "mlp"), dt)
         self.down_proj = param(rngs, (e, m, d), ("exp", "mlp", "embed"), dt)
-        if c.expert_bias:
+        if experts.bias:
             self.gate_bias = param(rngs, (e, m), ("exp", "mlp"), dt, init="zeros")
             self.up_bias = param(rngs, (e, m), ("exp", "mlp"), dt, init="zeros")
             self.down_bias = param(rngs, (e, d), ("exp", "embed"), dt, init="zeros")
-        if c.shared_expert_size:
-            self.shared = MLP(config, c.shared_expert_size, rngs)
+        if experts.shared_size:
+            self.shared = MLP(config.ffn, d, experts.shared_size, dt, rngs)
 
     def route(self, x) -> Routing:
         """x [T, d] -> the family's routing decision."""
-        c = self.config
-        if c.router == "softmax_topk_scaled":  # DeepSeek computes router logits in float32
+        r = self.config.moe.router
+        if r.rule == "softmax_topk_scaled":  # DeepSeek computes router logits in float32
             logits = x.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
-            return route_softmax_topk_scaled(logits, c.num_experts_per_tok, c.routed_scaling_factor,
-                                             c.n_group if c.topk_method == "group_limited_greedy" else 1,
-                                             c.topk_group, out_dtype=x.dtype)
+            return route_softmax_topk_scaled(logits, self.top_k, r.routed_scaling_factor,
+                                             r.n_group if r.topk_method == "group_limited_greedy" else 1,
+                                             r.topk_group, out_dtype=x.dtype)
         logits = x @ self.router[...].astype(x.dtype)  # [T, E]
-        if c.router_bias:
+        if r.bias:
             logits = logits + self.router_bias[...].astype(x.dtype)
-        if c.router == "topk_softmax":
-            return route_topk_softmax(logits, c.num_experts_per_tok)
-        return route_softmax_topk(logits, c.num_experts_per_tok, c.norm_topk_prob)
+        if r.rule == "topk_softmax":
+            return route_topk_softmax(logits, self.top_k)
+        return route_softmax_topk(logits, self.top_k, r.norm_topk_prob)
 
     def expert_weights(self, dtype) -> ExpertWeights:
         names = ("gate_proj", "up_proj", "down_proj") + (("gate_bias", "up_bias", "down_bias")
-                                                          if self.config.expert_bias else ())
+                                                          if self.config.moe.experts.bias else ())
         return ExpertWeights(*(getattr(self, n)[...].astype(dtype) for n in names))
 
     def __call__(self, x, observe: Callable[[MoEView], object] | None = None):
         """x: [B, T, d] -> (y [B, T, d], ``observe(view)`` or None)."""
-        c = self.config
+        rt = self.runtime
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         routing = self.route(flat)
         experts = self.expert_weights(x.dtype)
-        act = glu_activation(c)
-        outs = expert_outputs(c.moe_dispatch, flat, routing.top_idx, experts, act, c.capacity_factor,
-                              c.moe_block_size, c.moe_blocks_per_step)  # [B*T, k, d]
+        act = glu_activation(self.config.ffn)
+        outs = expert_outputs(rt.moe_dispatch, flat, routing.top_idx, experts, act, rt.capacity_factor,
+                              rt.moe_block_size, rt.moe_blocks_per_step)  # [B*T, k, d]
         y = jnp.einsum("tk,tkd->td", routing.top_weight.astype(x.dtype), outs)
-        if c.shared_expert_size:
+        if self.config.moe.experts.shared_size:
             y = y + self.shared(flat)
         observation = observe(MoEView(flat, routing, outs, experts, act)) if observe is not None else None
         return y.reshape(b, t, d), observation

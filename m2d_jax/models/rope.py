@@ -13,8 +13,6 @@ import numpy as np
 
 from m2d_jax.models.config import ModelConfig
 
-SUPPORTED_ROPE_TYPES = ("default", "yarn")
-
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -22,13 +20,11 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 def rope_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
     """Inverse frequencies [rope_dim // 2] (float32) and the cos/sin scaling ("attention factor")."""
-    dim, base, p = config.rope_dim, config.rope_theta, config.rope_param
+    dim, base, p = config.rope_dim, config.rope.theta, config.rope.param
     exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     pos_freqs = np.power(np.float32(base), exponent).astype(np.float32)  # [dim/2]
-    if config.rope_type == "default":
+    if config.rope.type == "default":
         return (np.float32(1.0) / pos_freqs).astype(np.float32), 1.0
-    if config.rope_type != "yarn":
-        raise ValueError(f"unsupported rope type {config.rope_type!r} (supported: {SUPPORTED_ROPE_TYPES})")
     original = p["original_max_position_embeddings"]
     factor = p.get("factor") or config.max_position_embeddings / original
     attention_factor = p.get("attention_factor")
@@ -57,9 +53,9 @@ def rope_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
 
 def softmax_scale(config: ModelConfig) -> float:
     """Attention logit scale: head_dim^-1/2, times mscale^2 for MLA with YaRN ``mscale_all_dim`` (DeepSeek)."""
-    scale = config.head_dim ** -0.5
-    p = config.rope_param
-    if config.attention == "mla" and config.rope_type != "default" and p.get("mscale_all_dim"):
+    scale = config.attention.head_dim ** -0.5
+    p = config.rope.param
+    if config.attention.kind == "mla" and config.rope.type != "default" and p.get("mscale_all_dim"):
         m = _yarn_mscale(p["factor"], p["mscale_all_dim"])
         scale *= m * m
     return scale

@@ -29,30 +29,33 @@ class DeepseekV2Adapter(DecoderAdapter):
         if r.get("hidden_act", default="silu") != "silu":
             r.fail("hidden_act", f"unsupported activation {r.get('hidden_act')!r} (expected 'silu')")
         fields = r.common_fields()
-        layers, heads = fields["num_layers"], fields["num_heads"]
+        layers, attention = fields["num_layers"], fields["attention"]
         topk_method = r.get("topk_method")
         if topk_method not in self.topk_methods:
             r.fail("topk_method", f"unsupported {topk_method!r} (supported: {self.topk_methods})")
         num_experts = int(r.get("n_routed_experts", "num_experts"))
         first_dense = int(r.get("first_k_dense_replace"))
-        ffn_kinds = tuple("dense" if i < first_dense or num_experts == 0 else "moe" for i in range(layers))
+        ffn_kinds = ["dense" if i < first_dense or num_experts == 0 else "moe" for i in range(layers)]
         nope, rope = int(r.get("qk_nope_head_dim")), int(r.get("qk_rope_head_dim"))
         moe_width = int(r.get("moe_intermediate_size"))
-        moe = {}
+        moe = None
         if "moe" in ffn_kinds:
             if r.get("num_experts_per_tok") is None:
                 r.fail("num_experts_per_tok", "must be set for a model with MoE layers")
-            moe = dict(num_experts=num_experts, num_experts_per_tok=int(r.get("num_experts_per_tok")),
-                       moe_intermediate_size=moe_width, router="softmax_topk_scaled",
-                       routed_scaling_factor=float(r.get("routed_scaling_factor")), topk_method=topk_method,
-                       n_group=int(r.get("n_group", default=1)), topk_group=int(r.get("topk_group", default=1)),
-                       shared_expert_size=moe_width * int(r.get("n_shared_experts", default=0) or 0))
+            moe = dict(router=dict(top_k=int(r.get("num_experts_per_tok")), rule="softmax_topk_scaled",
+                                   routed_scaling_factor=float(r.get("routed_scaling_factor")),
+                                   topk_method=topk_method, n_group=int(r.get("n_group", default=1)),
+                                   topk_group=int(r.get("topk_group", default=1))),
+                       experts=dict(num_experts=num_experts, intermediate_size=moe_width,
+                                    shared_size=moe_width * int(r.get("n_shared_experts", default=0) or 0)))
         q_lora = hf["q_lora_rank"] if "q_lora_rank" in hf else self.defaults["q_lora_rank"]  # null = no low-rank q
-        fields.update(num_kv_heads=heads, head_dim=nope + rope)  # MLA: every head has its own k and v
-        return r.build(**fields, layer_types=("full_attention",) * layers, ffn_kinds=ffn_kinds, qk_norm="none",
-                       attention="mla", q_lora_rank=None if q_lora is None else int(q_lora),
-                       kv_lora_rank=int(r.get("kv_lora_rank")), qk_nope_head_dim=nope, qk_rope_head_dim=rope,
-                       v_head_dim=int(r.get("v_head_dim")), mlp_bias=bool(r.get("mlp_bias", default=False)), **moe)
+        attention.update(num_kv_heads=attention["num_heads"], head_dim=nope + rope,  # MLA: per-head k and v
+                         layer_types=["full_attention"] * layers, qk_norm="none",
+                         mla=dict(q_lora_rank=None if q_lora is None else int(q_lora),
+                                  kv_lora_rank=int(r.get("kv_lora_rank")), qk_nope_head_dim=nope,
+                                  qk_rope_head_dim=rope, v_head_dim=int(r.get("v_head_dim"))))
+        fields["ffn"].update(bias=bool(r.get("mlp_bias", default=False)))
+        return r.build(**fields, ffn_kinds=ffn_kinds, moe=moe)
 
     def config_to_hf(self, config: ModelConfig) -> dict:
         """config.json of ``DeepseekV2ForCausalLM`` (the inverse of ``config_from_hf``). Dense layers must come
@@ -60,17 +63,19 @@ class DeepseekV2Adapter(DecoderAdapter):
         first_moe = config.ffn_kinds.index("moe") if config.is_moe else config.num_layers
         if any(kind != "moe" for kind in config.ffn_kinds[first_moe:]):
             raise ValueError(f"DeepSeek-V2 needs its dense layers first; ffn_kinds={config.ffn_kinds}")
+        mla = config.attention.mla
         hf = dict(common_hf_fields(config), model_type="deepseek_v2",
-                  architectures=[self.architectures["deepseek_v2"]], head_dim=config.qk_rope_head_dim,
-                  first_k_dense_replace=first_moe, kv_lora_rank=config.kv_lora_rank, q_lora_rank=config.q_lora_rank,
-                  qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
-                  v_head_dim=config.v_head_dim, mlp_bias=config.mlp_bias)
+                  architectures=[self.architectures["deepseek_v2"]], head_dim=mla.qk_rope_head_dim,
+                  first_k_dense_replace=first_moe, kv_lora_rank=mla.kv_lora_rank, q_lora_rank=mla.q_lora_rank,
+                  qk_nope_head_dim=mla.qk_nope_head_dim, qk_rope_head_dim=mla.qk_rope_head_dim,
+                  v_head_dim=mla.v_head_dim, mlp_bias=config.ffn.bias)
         if config.is_moe:
-            hf.update(n_routed_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
-                      moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=False,
-                      n_shared_experts=config.shared_expert_size // config.moe_intermediate_size,
-                      routed_scaling_factor=config.routed_scaling_factor, topk_method=config.topk_method,
-                      n_group=config.n_group, topk_group=config.topk_group)
+            router, experts = config.moe.router, config.moe.experts
+            hf.update(n_routed_experts=experts.num_experts, num_experts_per_tok=router.top_k,
+                      moe_intermediate_size=experts.intermediate_size, norm_topk_prob=False,
+                      n_shared_experts=experts.shared_size // experts.intermediate_size,
+                      routed_scaling_factor=router.routed_scaling_factor, topk_method=router.topk_method,
+                      n_group=router.n_group, topk_group=router.topk_group)
         return hf
 
     def layer_rules(self, config: ModelConfig, kind: str, expert_layout: str = "per_expert") -> list[Rule]:
@@ -82,20 +87,21 @@ class DeepseekV2Adapter(DecoderAdapter):
                  rule(att + "kv_a_layernorm.weight", "attn/kv_a_norm/scale"),
                  rule(att + "kv_b_proj.weight", "attn/kv_b_proj/kernel", transform=Linear(1)),
                  rule(att + "o_proj.weight", "attn/o_proj/kernel", transform=Linear(2))]
-        if config.q_lora_rank is None:
+        mla = config.attention.mla
+        if mla.q_lora_rank is None:
             rules.append(rule(att + "q_proj.weight", "attn/q_proj/kernel", transform=Linear(1)))
         else:
             rules += [rule(att + "q_a_proj.weight", "attn/q_a_proj/kernel", transform=Linear(1)),
                       rule(att + "q_a_layernorm.weight", "attn/q_a_norm/scale"),
                       rule(att + "q_b_proj.weight", "attn/q_b_proj/kernel", transform=Linear(1))]
-        if config.attention_bias:
-            rules += [rule(att + "q_a_proj.bias", "attn/q_a_proj/bias")] if config.q_lora_rank is not None else []
+        if config.attention.bias:
+            rules += [rule(att + "q_a_proj.bias", "attn/q_a_proj/bias")] if mla.q_lora_rank is not None else []
             rules += [rule(att + "kv_a_proj_with_mqa.bias", "attn/kv_a_proj/bias"),
                       rule(att + "o_proj.bias", "attn/o_proj/bias")]
         mlp = pre + "mlp."
         if kind == "dense":
-            return rules + swiglu_mlp_rules(mlp, "mlp", config.mlp_bias)
+            return rules + swiglu_mlp_rules(mlp, "mlp", config.ffn.bias)
         rules += [rule(mlp + "gate.weight", "moe/router", transform=Linear(1))] + expert_rules(mlp, expert_layout)
-        if config.shared_expert_size:
-            rules += swiglu_mlp_rules(mlp + "shared_experts.", "moe/shared", config.mlp_bias)
+        if config.moe.experts.shared_size:
+            rules += swiglu_mlp_rules(mlp + "shared_experts.", "moe/shared", config.ffn.bias)
         return rules

@@ -35,22 +35,25 @@ class GptOssAdapter(DecoderAdapter):
                                                for i in range(layers)]
         if len(layer_types) != layers:
             r.fail("layer_types", f"{len(layer_types)} entries for num_hidden_layers={layers}")
-        width = fields["intermediate_size"]  # GPT-OSS's intermediate_size is the expert width
-        return r.build(**fields, layer_types=tuple(layer_types), ffn_kinds=("moe",) * layers,
-                       sliding_window=int(r.get("sliding_window")), qk_norm="none", attention_sinks=True,
-                       norm_weight_in_float32=True, hidden_act="clamped_swiglu",
-                       swiglu_alpha=float(r.get("swiglu_alpha")), swiglu_limit=float(r.get("swiglu_limit")),
-                       num_experts=int(r.get("num_local_experts", "num_experts")),
-                       num_experts_per_tok=int(r.get("num_experts_per_tok")), moe_intermediate_size=width,
-                       router="topk_softmax", router_bias=True, expert_bias=True)
+        width = fields["ffn"]["intermediate_size"]  # GPT-OSS's intermediate_size is the expert width
+        fields["attention"].update(layer_types=layer_types, sliding_window=int(r.get("sliding_window")),
+                                   qk_norm="none", sinks=True)
+        fields["norm"].update(weight_in_float32=True)
+        fields["ffn"].update(activation="clamped_swiglu", swiglu_alpha=float(r.get("swiglu_alpha")),
+                             swiglu_limit=float(r.get("swiglu_limit")))
+        moe = dict(router=dict(top_k=int(r.get("num_experts_per_tok")), rule="topk_softmax", bias=True),
+                   experts=dict(num_experts=int(r.get("num_local_experts", "num_experts")), intermediate_size=width,
+                                bias=True))
+        return r.build(**fields, ffn_kinds=["moe"] * layers, moe=moe)
 
     def config_to_hf(self, config: ModelConfig) -> dict:
         """config.json of ``GptOssForCausalLM`` (the inverse of ``config_from_hf``; the 1-expert student too)."""
+        router, experts = config.moe.router, config.moe.experts
         return dict(common_hf_fields(config), model_type="gpt_oss", architectures=[self.architectures["gpt_oss"]],
-                    hidden_act="silu", intermediate_size=config.moe_intermediate_size,
-                    layer_types=list(config.layer_types), sliding_window=config.sliding_window,
-                    num_local_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
-                    swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit)
+                    hidden_act="silu", intermediate_size=experts.intermediate_size,
+                    layer_types=list(config.attention.layer_types), sliding_window=config.attention.sliding_window,
+                    num_local_experts=experts.num_experts, num_experts_per_tok=router.top_k,
+                    swiglu_alpha=config.ffn.swiglu_alpha, swiglu_limit=config.ffn.swiglu_limit)
 
     def layer_rules(self, config: ModelConfig, kind: str, expert_layout: str = "fused_input_major") -> list[Rule]:
         mlp = "model.layers.{layer}.mlp."

@@ -32,33 +32,36 @@ class OlmoeMixtralAdapter(DecoderAdapter):
         if r.get("hidden_act", default="silu") != "silu":
             r.fail("hidden_act", f"unsupported activation {r.get('hidden_act')!r} (expected 'silu')")
         fields = r.common_fields()
-        layers = fields["num_layers"]
+        layers, attention = fields["num_layers"], fields["attention"]
+        router = dict(top_k=int(r.get("num_experts_per_tok")))
         if model_type == "olmoe":
-            fields["head_dim"] = fields["hidden_size"] // fields["num_heads"]  # OLMoE has no head_dim field
+            attention["head_dim"] = fields["hidden_size"] // attention["num_heads"]  # OLMoE has no head_dim field
             num_experts = int(r.get("num_experts", "num_local_experts"))
-            family = dict(qk_norm="full", clip_qkv=r.get("clip_qkv"),
-                          norm_topk_prob=bool(r.get("norm_topk_prob", default=False)))
+            attention.update(qk_norm="full", clip_qkv=r.get("clip_qkv"))
+            router.update(norm_topk_prob=bool(r.get("norm_topk_prob", default=False)))
             sliding = None
         else:
             num_experts = int(r.get("num_local_experts", "num_experts"))
-            family = dict(qk_norm="none", norm_topk_prob=True)
+            attention.update(qk_norm="none")
+            router.update(norm_topk_prob=True)
             sliding = r.get("sliding_window")
         layer_type = "full_attention" if sliding is None else "sliding_attention"
-        return r.build(**fields, layer_types=(layer_type,) * layers, ffn_kinds=("moe",) * layers,
-                       sliding_window=sliding, num_experts=num_experts,
-                       num_experts_per_tok=int(r.get("num_experts_per_tok")),
-                       moe_intermediate_size=fields["intermediate_size"], **family)
+        attention.update(layer_types=[layer_type] * layers, sliding_window=sliding)
+        experts = dict(num_experts=num_experts, intermediate_size=fields["ffn"]["intermediate_size"])
+        return r.build(**fields, ffn_kinds=["moe"] * layers, moe=dict(router=router, experts=experts))
 
     def config_to_hf(self, config: ModelConfig) -> dict:
         """config.json of ``OlmoeForCausalLM`` / ``MixtralForCausalLM`` (the inverse of ``config_from_hf``)."""
+        router, experts = config.moe.router, config.moe.experts
         hf = dict(common_hf_fields(config), model_type=config.family,
-                  architectures=[self.architectures[config.family]], intermediate_size=config.moe_intermediate_size,
-                  num_experts_per_tok=config.num_experts_per_tok)
+                  architectures=[self.architectures[config.family]], intermediate_size=experts.intermediate_size,
+                  num_experts_per_tok=router.top_k)
         if config.family == "olmoe":
             del hf["head_dim"]  # OLMoE derives it from hidden_size / heads
-            hf.update(num_experts=config.num_experts, norm_topk_prob=config.norm_topk_prob, clip_qkv=config.clip_qkv)
+            hf.update(num_experts=experts.num_experts, norm_topk_prob=router.norm_topk_prob,
+                      clip_qkv=config.attention.clip_qkv)
         else:
-            hf.update(num_local_experts=config.num_experts, sliding_window=config.sliding_window)
+            hf.update(num_local_experts=experts.num_experts, sliding_window=config.attention.sliding_window)
         return hf
 
     def layer_rules(self, config: ModelConfig, kind: str, expert_layout: str = "per_expert") -> list[Rule]:

@@ -37,7 +37,7 @@ class Qwen3Adapter(DecoderAdapter):
                 "sliding_attention" if sliding is not None and i >= r.get("max_window_layers") else "full_attention"
                 for i in range(layers)]
             ffn_kinds = ["dense"] * layers
-            moe = {}
+            moe = None
         else:
             layer_types = ["sliding_attention" if sliding is not None else "full_attention"] * layers
             num_experts = int(r.get("num_experts", "num_local_experts"))
@@ -45,29 +45,32 @@ class Qwen3Adapter(DecoderAdapter):
             mlp_only = set(r.get("mlp_only_layers", default=[]))
             ffn_kinds = ["moe" if (i not in mlp_only and num_experts > 0 and (i + 1) % step == 0) else "dense"
                          for i in range(layers)]
-            moe = dict(num_experts=num_experts, num_experts_per_tok=int(r.get("num_experts_per_tok")),
-                       moe_intermediate_size=int(r.get("moe_intermediate_size")),
-                       norm_topk_prob=bool(r.get("norm_topk_prob", default=False)))
+            moe = None if "moe" not in ffn_kinds else dict(
+                router=dict(top_k=int(r.get("num_experts_per_tok")),
+                            norm_topk_prob=bool(r.get("norm_topk_prob", default=False))),
+                experts=dict(num_experts=num_experts, intermediate_size=int(r.get("moe_intermediate_size"))))
         if len(layer_types) != layers:
             r.fail("layer_types", f"{len(layer_types)} entries for num_hidden_layers={layers}")
-        return r.build(**fields, layer_types=tuple(layer_types), ffn_kinds=tuple(ffn_kinds), sliding_window=sliding,
-                       qk_norm="head", **moe)
+        fields["attention"].update(layer_types=layer_types, sliding_window=sliding, qk_norm="head")
+        return r.build(**fields, ffn_kinds=ffn_kinds, moe=moe)
 
     def config_to_hf(self, config: ModelConfig) -> dict:
         """config.json of ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` for this model (the inverse of
         ``config_from_hf``); transformers loads it with no custom code."""
-        sliding = [i for i, t in enumerate(config.layer_types) if t == "sliding_attention"]
+        a = config.attention
+        sliding = [i for i, t in enumerate(a.layer_types) if t == "sliding_attention"]
         hf = dict(model_type=config.family, architectures=[self.architectures[config.family]],
                   **common_hf_fields(config), use_sliding_window=bool(sliding),
-                  sliding_window=config.sliding_window if sliding else None)
+                  sliding_window=a.sliding_window if sliding else None)
         if config.family == "qwen3":
-            hf.update(layer_types=list(config.layer_types),
+            hf.update(layer_types=list(a.layer_types),
                       max_window_layers=sliding[0] if sliding else config.num_layers)
         else:
             if sliding and len(sliding) != config.num_layers:
                 raise ValueError("Qwen3-MoE has a sliding window on all layers or none; layer_types mixes both")
-            hf.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
-                      moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+            router, experts = config.moe.router, config.moe.experts
+            hf.update(num_experts=experts.num_experts, num_experts_per_tok=router.top_k,
+                      moe_intermediate_size=experts.intermediate_size, norm_topk_prob=router.norm_topk_prob,
                       decoder_sparse_step=1,
                       mlp_only_layers=[i for i, kind in enumerate(config.ffn_kinds) if kind == "dense"])
         return hf
