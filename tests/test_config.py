@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import m2d_jax
-from m2d_jax import checkpoint
+from m2d_jax import checkpoint, pipeline
 from m2d_jax.errors import CheckpointError
 from m2d_jax.hf.adapters import adapter_for
 from m2d_jax.hf.oracle import padded_batch
@@ -65,7 +65,7 @@ def test_loader_flags_mean_the_same_for_hf_and_m2d_checkpoints(hf_checkpoint, tm
     """dtype, progress, sharding and runtime fields (incl. an expanded top-k') load an HF directory and its m2d_jax
     import into the same model; architecture fields are refused for both."""
     src = hf_checkpoint("moe_gqa_norm_mlponly")
-    out = m2d_jax.api.import_checkpoint(src, tmp_path / "ckpt")
+    out = pipeline.import_checkpoint(src, tmp_path / "ckpt")
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "expert"))
 
     def sharding(path, leaf):  # experts over "expert", everything else replicated
@@ -113,7 +113,7 @@ def test_with_runtime_changes_only_the_runtime(hf_checkpoint):
 
 
 def test_checkpoint_of_an_older_format_is_a_one_line_error(hf_checkpoint, tmp_path):
-    out = m2d_jax.api.import_checkpoint(hf_checkpoint("dense_tied_mha"), tmp_path / "ckpt")
+    out = pipeline.import_checkpoint(hf_checkpoint("dense_tied_mha"), tmp_path / "ckpt")
     record = json.loads((out / checkpoint.RECORD).read_text())
     flat = {"family": "qwen3", "num_heads": 4, "dtype": "float32"}  # what /1 stored: one flat config
     (out / checkpoint.RECORD).write_text(json.dumps({**record, "format": "m2d_jax.model/1", "config": flat}))
