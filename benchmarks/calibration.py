@@ -4,15 +4,15 @@
     python benchmarks/calibration.py --batch 16  # the same 16 sequences as one batch of 16 x 512
     python benchmarks/calibration.py --quick     # a small smoke run
 
-Both sides compute every SPEC §2 statistic (counts, probability / weight / norm sums, router-logit moments, and the
-all-experts Gram / mean output / norms on the same Gram subsample) on the same batches, float32 model, float64
-accumulation, in one process on the same CPU, for two Gram subsample sizes (1/32 of the tokens, the SPEC default
-ratio, and a Gram-heavy 1/4). The transformers side is the natural hook design for v5 fused experts: a forward hook
-on each router captures (logits, weights, indices), a hook on each MoE block captures its input; routed expert
-outputs (not exposed by the fused expert module) and the all-experts subsample outputs are recomputed from the
-expert parameters in the hook. torch is timed with 1 thread and with all cores and the faster is kept (OpenMP can
-collapse on a loaded machine); transformers' forward without hooks is timed for context. m2d_jax's compile time is
-reported separately and excluded from the rates.
+Both sides compute every docs/METHOD.md §2 statistic (counts, probability / weight / norm sums, router-logit moments,
+and the all-experts Gram / mean output / norms on the same Gram subsample) on the same batches, float32 model, float64
+accumulation, in one process on the same CPU, for two Gram subsample sizes (1/32 of the tokens, the default ratio, and a
+Gram-heavy 1/4). The transformers side is the natural hook design for v5 fused experts: a forward hook on each router
+captures (logits, weights, indices), a hook on each MoE block captures its input; routed expert outputs (not exposed by
+the fused expert module) and the all-experts subsample outputs are recomputed from the expert parameters in the hook.
+torch is timed with 1 thread and with all cores and the faster is kept (OpenMP can collapse on a loaded machine);
+transformers' forward without hooks is timed for context. m2d_jax's compile time is reported separately and excluded
+from the rates.
 
 The two results are checked to agree under the same routing: torch and XLA round differently, so a token whose k-th
 and (k+1)-th router probabilities nearly tie can select a different expert on each side (a count off by exactly 1,
@@ -39,7 +39,7 @@ QUICK = dict(FULL, vocab_size=512, hidden_size=64, num_hidden_layers=2, head_dim
 
 
 class TorchHookStatistics:
-    """SPEC §2 sums of a transformers Qwen3-MoE model collected with forward hooks (float64 accumulators)."""
+    """docs/METHOD.md §2 sums of a transformers Qwen3-MoE model collected with forward hooks (float64 accumulators)."""
 
     def __init__(self, ref, chunk: int):
         import torch
@@ -166,7 +166,7 @@ def main():
     if not args.quick and 16 % args.batch:
         parser.error("--batch must divide the 16 sequences")
     batch, seq, num_batches, chunk = (2, 64, 3, 32) if args.quick else (args.batch, 512, 16 // args.batch, 256)
-    # Gram tokens per batch: 1/32 of the tokens (SPEC default 32768 of 512 x 2048) and a Gram-heavy 1/4
+    # Gram tokens per batch: 1/32 of the tokens (the default 32768 of 512 x 2048) and a Gram-heavy 1/4
     gram_fractions = (batch * seq // 32, batch * seq // 4)
     thread_counts = sorted({1, os.cpu_count() or 1})
     num_seqs = batch * num_batches

@@ -30,7 +30,7 @@ def numpy_naive(kernel, k):
 
 
 def numpy_incremental(kernel, k):
-    """The SPEC §4 pseudo-code in NumPy (vectorised over candidates), one layer."""
+    """The docs/METHOD.md §4 pseudo-code in NumPy (vectorised over candidates), one layer."""
     e = len(kernel)
     d2 = np.diag(kernel).copy()
     v = np.zeros((e, k))

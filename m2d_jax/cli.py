@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default="", help="student checkpoint (HF or m2d_jax); sets config.student.path")
     p.set_defaults(func=_cmd_distill)
 
-    p = sub.add_parser("calibrate", help="teacher routing / expert-output statistics in one pass (SPEC §2)")
+    p = sub.add_parser("calibrate", help="teacher routing / expert-output statistics in one pass (docs/METHOD.md §2)")
     p.add_argument("--model", required=True, help="HF or m2d_jax checkpoint directory of the MoE teacher")
     p.add_argument("--data", required=True, nargs="+", help="local text / jsonl / parquet files")
     p.add_argument("--out", required=True, help="statistics file to write (.npz)")
@@ -270,10 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--output", default=None, help="also write the result as JSON here")
     p.set_defaults(func=_cmd_eval_ppl)
-    p = eval_sub.add_parser("tasks", help="lm-eval tasks on the in-process m2d backend (SPEC §10 defaults)")
+    p = eval_sub.add_parser("tasks", help="lm-eval tasks on the in-process m2d backend (docs/METHOD.md §12 defaults)")
     p.add_argument("--model", required=True)
     p.add_argument("--tasks", default="winogrande,hellaswag,arc_easy,arc_challenge,mmlu")
-    p.add_argument("--num-fewshot", type=int, default=None, help="for every task (default: per-task, SPEC §10)")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="for every task (default: per-task, docs/METHOD.md §12.2)")
     p.add_argument("--include-path", default=None, help="directory of local task YAMLs")
     p.add_argument("--local-tasks-only", action="store_true", help="skip indexing lm-eval's built-in tasks")
     p.add_argument("--batch-size", type=int, default=16)

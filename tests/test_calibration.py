@@ -18,7 +18,7 @@ RTOL = 2e-5  # float32 forward (both sides) and float32 per-batch sums vs float6
 
 
 def reference_sums(path, ids, mask, gram_index, gram_valid) -> StatSums:
-    """SPEC §2 sums in float64 NumPy from transformers' own modules, for every family: router logits from
+    """docs/METHOD.md §2 sums in float64 NumPy from transformers' own modules, for every family: router logits from
     ``output_router_logits``; each MoE block's router module (``gate`` / ``router``, returning (logits, applied
     weights [T, k], indices [T, k])) hooked for its input and decisions; f_e(x) from the block's own expert module
     called with every token routed to expert e alone with weight 1 (shared experts are not routed experts)."""

@@ -1,4 +1,5 @@
-"""MoE -> dense conversion: groupings, merging, DP scaling, concatenation, student assembly (SPEC §5-§7, §12)."""
+"""MoE -> dense conversion: groupings, merging, DP scaling, concatenation, student assembly
+(docs/METHOD.md §5-§10, §15)."""
 
 
 import jax
@@ -143,7 +144,7 @@ def _silu_glu(gate, up):
     return jax.nn.silu(gate) * up
 
 
-def _clamped_swiglu(gate, up, alpha=1.702, limit=7.0):  # GPT-OSS's gated unit (SPEC §1), written independently
+def _clamped_swiglu(gate, up, alpha=1.702, limit=7.0):  # GPT-OSS's gate (docs/METHOD.md §1), written independently
     gate = jnp.minimum(gate, limit)
     up = jnp.clip(up, -limit, limit)
     return (up + 1) * gate * jax.nn.sigmoid(alpha * gate)
@@ -215,7 +216,8 @@ def identity_teacher_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(IDENTITY_TEACHERS))
 def test_exactness_identity_pure_pruning(tmp_path, name):
-    """E = k, zero router: every expert selected with weight rho/k; pure pruning + uniform DP is exact (SPEC §12.2).
+    """E = k, zero router: every expert selected with weight rho/k; pure pruning + uniform DP is exact
+    (docs/METHOD.md §15 check 2).
 
     Un-normalised routers: E[sum_e w_e] = rho * (sum of all E softmax probabilities) = rho; DeepSeek's released rule
     c_g = rho * CP_g with CP_e = 1/E; shared experts appended with c = 1; GPT-OSS biases merged and down biases
@@ -328,7 +330,7 @@ def _count(model) -> int:
     (GPT_OSS_20B, 4, 4 * 2880, 4_185_089_880),  # one expert of width 11520, 1-expert router kept
 ], ids=["qwen3_30b_a3b", "deepseek_v2_lite", "gpt_oss_20b"])
 def test_student_parameter_counts(hf_config, k, width, expected):
-    """Shapes only (no weights): the students of the real teacher configs have the exact counts of SPEC §1."""
+    """Shapes only (no weights): the students of the real teacher configs have the exact counts of docs/METHOD.md §9."""
     from m2d_jax.convert.student import student_rule
     from m2d_jax.hf.adapters import adapter_for
 
@@ -388,8 +390,9 @@ def test_merged_student_layers_equal_numpy_merge_and_restore_sharded(identity_te
 
 
 def test_forced_routing_subset_equals_pruned_student(tmp_path):
-    """SPEC §12.2 with E > k: a GPT-OSS teacher whose router (zero weights, bias log c on S) sends every token to
-    the same k = 2 of E = 8 experts with weights c equals the student pruned to S with proportional DP scores c."""
+    """docs/METHOD.md §15 check 2 with E > k: a GPT-OSS teacher whose router (zero weights, bias log c on S) sends every
+    token to the same k = 2 of E = 8 experts with weights c equals the student pruned to S with proportional DP scores
+    c."""
     hf_config = dict(IDENTITY_TEACHERS["gpt_oss"][0], num_local_experts=8, num_experts_per_tok=2)
     teacher = m2d_jax.from_pretrained(make_hf_checkpoint(hf_config, tmp_path / "t", seed=2, init_std=0.1),
                                       moe_dispatch="dense")

@@ -1,4 +1,4 @@
-"""Perplexity protocol (SPEC §10, Q14) against exp(mean NLL) computed directly from model(...) logits."""
+"""Perplexity protocol (docs/METHOD.md §12.1) against exp(mean NLL) computed directly from model(...) logits."""
 
 import json
 import math

@@ -61,7 +61,7 @@ FAMILY_CONFIGS = {
     "mixtral_sliding": dict(model_type="mixtral", vocab_size=128, hidden_size=64, intermediate_size=32,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                             num_experts_per_tok=2, sliding_window=5, max_position_embeddings=128),
-    # dense student forms (SPEC §6.3): DeepSeek with every layer dense, GPT-OSS with one expert and top-1
+    # dense student forms (docs/METHOD.md §9): DeepSeek with every layer dense, GPT-OSS with one expert and top-1
     "ds_student_all_dense": _ds(first_k_dense_replace=3, n_routed_experts=8),
     "gptoss_student_one_expert": _gpt_oss(num_local_experts=1, num_experts_per_tok=1, intermediate_size=64),
 }

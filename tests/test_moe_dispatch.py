@@ -26,7 +26,7 @@ def _experts(rng, e, d, m, bias=False):
 
 
 def _numpy_reference(x, top_idx, experts, clamped=False):
-    """Per-token loop in float64 from the definitions (SPEC §1), incl. GPT-OSS biases and clamped SwiGLU."""
+    """Per-token loop in float64 from the definitions (docs/METHOD.md §1), incl. GPT-OSS biases and clamped SwiGLU."""
     w = {k: (None if v is None else np.asarray(v, np.float64)) for k, v in experts._asdict().items()}
     x = np.asarray(x, np.float64)
     out = np.zeros(top_idx.shape + (x.shape[1],))

@@ -47,7 +47,7 @@ def random_stats(seed=0) -> CalibrationStats:
     return CalibrationStats(sums, meta)
 
 
-# ---- NumPy references (SPEC §3) ----------------------------------------------------------------------------
+# ---- NumPy references (docs/METHOD.md §3) ----------------------------------------------------------------------------
 def ref_scores(s: StatSums, name, acp_form="reap"):
     t = s.tokens[:, None]
     n1 = np.maximum(s.selected_count, 1)
@@ -108,7 +108,7 @@ def test_do_scorings_equal_numpy_greedy(name, base):
         selection = select_experts(stats, name, k)
         selected, weights = selection.selected, selection.weight_scores
         np.testing.assert_array_equal(selected, np.argsort(-got, axis=1, kind="stable")[:, :k])
-        np.testing.assert_allclose(weights, importance, rtol=1e-13)  # SPEC Q5: merge weights = base importance
+        np.testing.assert_allclose(weights, importance, rtol=1e-13)  # weights = base importance (docs/METHOD.md §3)
 
 
 @pytest.mark.parametrize("name", SCORINGS)

@@ -1,4 +1,5 @@
-"""Greedy log-det selection (SPEC §4, §12.5) against brute force: naive slogdet greedy, exhaustive optimum."""
+"""Greedy log-det selection (docs/METHOD.md §4, §15 check 6) against brute force: naive slogdet greedy, exhaustive
+optimum."""
 
 import itertools
 

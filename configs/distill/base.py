@@ -1,5 +1,6 @@
-"""Distillation (``m2d distill``): every field, with SPEC §8 / §11 defaults. Other configs in this directory start
-from this one; override any field on the command line, e.g. ``--config.steps=200 --config.mesh.tensor=2``.
+"""Distillation (``m2d distill``): every field, with the defaults of docs/METHOD.md §11 and §13. Other configs in this
+directory start from this one; override any field on the command line, e.g.
+``--config.steps=200 --config.mesh.tensor=2``.
 
 Unknown keys (in a config file or an override) are errors before any compute.
 """
@@ -13,7 +14,7 @@ def get_config() -> ConfigDict:
         teacher=dict(
             path="",  # HF checkpoint dir or m2d_jax checkpoint (MoE or dense); unused for objective="lm"
             dtype="bfloat16",  # teacher parameters and compute ("float32" | "bfloat16")
-            top_k=0,  # > 0: expanded teacher routing with k' experts per token (SPEC §8 Eq. 6); 0 = as trained
+            top_k=0,  # > 0: expanded teacher routing with k' experts per token (docs/METHOD.md §11); 0 = as trained
             moe_dispatch="auto",
         ),
         student=dict(
@@ -31,7 +32,7 @@ def get_config() -> ConfigDict:
             files=("embedded",),  # local .txt/.jsonl/.json/.parquet files; "embedded" = the embedded corpus
             text_field="text",
             tokenizer="",  # directory with tokenizer.json; "" = the student's (then the teacher's) directory
-            seq_len=2048,  # packed sequence length (SPEC §11 Q10)
+            seq_len=2048,  # packed sequence length (docs/METHOD.md §13 open question 18)
             batch_size=384,  # global sequences per optimizer step
             seed=0,  # shuffling seed
         ),

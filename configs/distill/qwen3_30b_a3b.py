@@ -1,5 +1,6 @@
-"""SPEC §8: Qwen3-30B-A3B teacher (bf16, expanded routing k'=16) -> converted dense student, FineWeb-Edu packed to
-2048, 384 sequences per step (4 x 24 accumulation x 4 devices in the reference run), WSD 100 / 300, lr 1e-4 -> 1e-5.
+"""docs/METHOD.md §11: Qwen3-30B-A3B teacher (bf16, expanded routing k'=16) -> converted dense student, FineWeb-Edu
+packed to 2048, 384 sequences per step (4 x 24 accumulation x 4 devices in the reference run), WSD 100 / 300, lr 1e-4 ->
+1e-5.
 
     m2d distill --config configs/distill/qwen3_30b_a3b.py --teacher /ckpt/Qwen3-30B-A3B --student /ckpt/student \
         --config.data.files="('/data/fineweb_edu_000.parquet',)" --config.workdir=runs/qwen3

@@ -1,4 +1,4 @@
-"""Merging, down-projection (DP) scaling and concatenation into one dense FFN (SPEC §5 merging, §6).
+"""Merging, down-projection (DP) scaling and concatenation into one dense FFN (docs/METHOD.md §6-§8).
 
 One layer's plan is a merge matrix ``alpha`` [k, E] (row g holds the score-weighted averaging weights of group g's
 members, zero elsewhere) and DP scales ``scales`` [k]. Merging is linear in the expert weights, so the dense FFN of
@@ -8,8 +8,8 @@ a layer is a pair of einsums over the stacked experts:
     down_dense [k*m, d] = concat_g scales[g] sum_e alpha[g, e] down[e] (+ shared down appended, scale 1)
 
 and, because the gated activation acts neuron by neuron, ``dense(x) == sum_g scales[g] f~_g(x) + shared(x)`` exactly
-(§6.1). Biases (GPT-OSS) follow the same rule: gate/up biases are concatenated, down biases are summed with the
-scales.
+(docs/METHOD.md §8). Biases (GPT-OSS) follow the same rule: gate/up biases are concatenated, down biases are summed with
+the scales.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def merge_matrix(groups: list[np.ndarray], weight_scores: np.ndarray) -> np.ndar
 def dp_scales(mode: str, alpha: np.ndarray, weight_scores: np.ndarray, routed_mass: float,
               uniform_rule: str = "routing_mass", conditional_prob: np.ndarray | None = None,
               routed_scaling_factor: float = 1.0) -> np.ndarray:
-    """DP scales c [k] (SPEC §6.2).
+    """DP scales c [k] (docs/METHOD.md §7).
 
     ``routed_mass`` is the expected total routing weight per token, E_t[sum_e w_e(t)]: 1 for normalised routers,
     rho * (mean selected softmax mass) for un-normalised ones, so that ``uniform`` c_g = routed_mass / k (= 1/k,
@@ -151,7 +151,8 @@ def append_ffn(a: DenseFFN, b: DenseFFN) -> DenseFFN:
 
 
 def pad_ffn(ffn: DenseFFN, width: int, where: str) -> DenseFFN:
-    """Zero-pad a dense FFN to ``width`` neurons (zero gate/up rows, zero down columns: the same function, Q9).
+    """Zero-pad a dense FFN to ``width`` neurons (zero gate/up rows, zero down columns: the same function,
+    docs/METHOD.md §9).
 
     A wider FFN cannot be narrowed without changing the function: that is an error naming ``where``.
     """

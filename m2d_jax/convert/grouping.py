@@ -1,4 +1,4 @@
-"""Grouping (SPEC §5): partition the K selected experts of one layer into exactly k non-empty groups.
+"""Grouping (docs/METHOD.md §5): partition the K selected experts of one layer into exactly k non-empty groups.
 
 Every method returns ``labels`` [K] with values in 0..k-1, one per selected expert in selection order
 (``selected[r]`` is the r-th best expert), and every label used at least once. With K = k every method gives

@@ -1,4 +1,4 @@
-"""Per-layer conversion plans from a selection: grouping (§5) -> merge weights -> DP scales (§6.2)."""
+"""Per-layer conversion plans from a selection: grouping (docs/METHOD.md §5) -> merge weights (§6) -> DP scales (§7)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from m2d_jax.convert.grouping import GROUPINGS, group_labels
 from m2d_jax.convert.student import StudentRule, TeacherLayers, student_rule
 from m2d_jax.models import CausalLM
 
-# Calibration statistics read here (leading axis: MoE layers in order; SPEC §2 names)
+# Calibration statistics read here (leading axis: MoE layers in order; docs/METHOD.md §2 names)
 ROUTER_MOMENT = "router_logit_moment"  # Z [E, E] (finalised: divided by T)
 MEAN_OUTPUT = "mean_output"  # mu [E, d]
 

@@ -54,7 +54,7 @@ class StudentRule:
         return config.moe.experts.shared_size if self.shared_paths else 0
 
     def student_width(self, config: ModelConfig, k: int) -> int:
-        """FFN width of the student: k * m + m_s (SPEC §1)."""
+        """FFN width of the student: k * m + m_s (docs/METHOD.md §9)."""
         return k * config.moe.experts.intermediate_size + self.shared_width(config)
 
 
@@ -65,7 +65,7 @@ def _all_dense(teacher: ModelConfig, width: int, family: str | None = None) -> M
 
 
 def _one_expert(teacher: ModelConfig, width: int) -> ModelConfig:
-    """GPT-OSS student form (SPEC §1): every layer one routed expert of ``width``, top-1, the router kept."""
+    """GPT-OSS student form (docs/METHOD.md §9): every layer one routed expert of ``width``, top-1, the router kept."""
     moe = MoESpec(router=teacher.moe.router.replace(top_k=1),
                   experts=teacher.moe.experts.replace(num_experts=1, intermediate_size=width))
     return teacher.replace(ffn=teacher.ffn.replace(intermediate_size=width), ffn_kinds=("moe",) * teacher.num_layers,
@@ -167,7 +167,7 @@ def student_ffns(teacher: CausalLM, plans: dict[int, LayerPlan], rule: StudentRu
 
 
 def random_ffns(config: ModelConfig, rule: StudentRule, width: int, seed: int = 0, std: float = 0.02):
-    """Yields (layer, DenseFFN) with weights ~ normal(0, std) and zero biases (SPEC §7.2)."""
+    """Yields (layer, DenseFFN) with weights ~ normal(0, std) and zero biases (docs/METHOD.md §10)."""
     key = jax.random.key(seed)
     d = config.hidden_size
     shapes = {"gate": (d, width), "up": (d, width), "down": (width, d), "gate_bias": (width,), "up_bias": (width,),
@@ -249,8 +249,8 @@ def build_dense_student(teacher: CausalLM, plans: dict[int, LayerPlan], k: int, 
 
 
 def build_random_ffn_student(teacher: CausalLM, k: int, seed: int = 0) -> CausalLM:
-    """Random-FFN baseline (SPEC §7.2): the student architecture with the teacher's embeddings, attention, norms
-    and LM head, and a freshly initialised FFN (normal(0, 0.02), biases 0)."""
+    """Random-FFN baseline (docs/METHOD.md §10): the student architecture with the teacher's embeddings, attention,
+    norms and LM head, and a freshly initialised FFN (normal(0, 0.02), biases 0)."""
     config = teacher.config
     rule = student_rule(config.family)
     width = rule.student_width(config, k)

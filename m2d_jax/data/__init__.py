@@ -1,8 +1,8 @@
 """Text data: local text / jsonl / parquet files -> the checkpoint's tokenizer -> packed sequences -> grain.
 
 Documents are tokenised once, each followed by EOS, concatenated and cut into fixed-length windows (standard
-packing, SPEC §11 Q20). The packed windows live in a NumPy array, so a ``grain.MapDataset`` over window indices
-gives deterministic shuffling from a seed, sharding by process, and exact resume from a plain index.
+packing, docs/METHOD.md §13 open question 21). The packed windows live in a NumPy array, so a ``grain.MapDataset`` over
+window indices gives deterministic shuffling from a seed, sharding by process, and exact resume from a plain index.
 """
 
 from m2d_jax.data.text import (DataError, EMBEDDED_CORPUS, Tokenizer, load_tokenizer, pack_documents, packed_dataset,

@@ -1,5 +1,5 @@
-"""Distillation: a sharded forward-KL train step over a device mesh (SPEC §8), WSD schedule, grain input, Orbax
-checkpoints with exact resume, JSONL / TensorBoard metrics. Also plain next-token LM training with a Switch
+"""Distillation: a sharded forward-KL train step over a device mesh (docs/METHOD.md §11), WSD schedule, grain input,
+Orbax checkpoints with exact resume, JSONL / TensorBoard metrics. Also plain next-token LM training with a Switch
 load-balancing loss for MoE students (``objective="lm"``); the objectives are strategy objects
 (``distill/objectives.py``).
 

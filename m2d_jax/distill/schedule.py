@@ -2,7 +2,7 @@
 
 Warm-up rises linearly from ``min_lr_ratio * lr`` to ``lr`` over ``warmup_steps``, the rate stays at ``lr`` until
 ``decay_steps`` before the end, then decays to ``min_lr_ratio * lr`` (cosine by default, "linear" or "1-sqrt"), and
-stays there. SPEC §8 / §11 Q11: warm-up 100, decay 300, cosine to min_lr_ratio 0.1.
+stays there. docs/METHOD.md §11 / §13 open question 19: warm-up 100, decay 300, cosine to min_lr_ratio 0.1.
 """
 
 from __future__ import annotations

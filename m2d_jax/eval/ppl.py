@@ -1,4 +1,4 @@
-"""Perplexity with the WikiText-2 protocol (SPEC §10, Q14).
+"""Perplexity with the WikiText-2 protocol (docs/METHOD.md §12.1).
 
 Documents are joined with "\\n\\n" and tokenised once (no BOS, no EOS). Windows of ``seq_len`` tokens start every
 ``stride`` tokens; window ``[begin, end)`` predicts its tokens ``max(previous end, begin + 1) .. end - 1``, so with

@@ -1,6 +1,6 @@
 """``m2d eval tasks``: lm-eval downstream tasks on the in-process ``m2d`` backend with the paper's defaults.
 
-SPEC §10 / Q15: winogrande 5-shot (acc), hellaswag 10-shot (acc_norm), arc_easy and arc_challenge 25-shot
+docs/METHOD.md §12.2: winogrande 5-shot (acc), hellaswag 10-shot (acc_norm), arc_easy and arc_challenge 25-shot
 (acc_norm), mmlu 5-shot (acc); "avg" is the unweighted mean of the reported metrics. Other tasks (e.g. local YAMLs
 from ``include_path``) run with their own few-shot setting and report acc_norm if present, else acc.
 """

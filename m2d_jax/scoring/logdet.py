@@ -3,7 +3,8 @@
 Kernel (per layer): ``L = diag(q) C diag(q) + lam I`` with
 
 - ``C`` the cosine-normalised expert-output Gram ``G_ij / sqrt(G_ii G_jj)`` with ``C_ii = 1`` exactly (dead experts,
-  ``G_ii <= dead_tol * max_j G_jj``, get zero off-diagonals), or the raw Gram ``G`` (``kernel="raw"``, SPEC Q4 ablation);
+  ``G_ii <= dead_tol * max_j G_jj``, get zero off-diagonals), or the raw Gram ``G`` (``kernel="raw"``, an ablation,
+  docs/METHOD.md §13 open question 6);
 - ``q_e = (s_e / mean of the positive s)^beta`` from an importance score ``s`` (CP for DO-CP, ACP for DO-ACP),
   ``s`` clamped to ``>= 1e-8 max s`` (``q = 1`` when every score is 0);
 - ``lam = ridge * mean(diag(diag(q) C diag(q)))``.
