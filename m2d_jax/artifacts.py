@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-from m2d_jax.errors import OutputError
+from m2d_jax.errors import CheckpointError, OutputError
 
 
 def file_sha256(path: str | Path) -> str:
@@ -220,16 +220,12 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, record: Mapping) -> "Provenance":
-        """The record of a checkpoint's metadata. Records written before this one existed name the source model
-        ``source``; other keys that are not fields land in ``details``."""
-        record = dict(record)
-        if "source" in record and "source_model" not in record:
-            record["source_model"] = record.pop("source")
+        """The record ``to_dict`` wrote (a checkpoint's metadata; ``{}`` for a model saved without one)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: v for k, v in record.items() if k in names and k != "details"}
-        extra = {k: v for k, v in record.items() if k not in names}
-        return cls(**{"kind": "unknown", **known, "details": {**record.get("details", {}), **extra}})
-
+        unknown = sorted(set(record) - names)
+        if unknown:
+            raise CheckpointError(f"provenance record has unknown fields {unknown} (expected some of {sorted(names)})")
+        return cls(**{"kind": "unknown", **record})
 
 __all__ = ["Provenance", "atomic_directory", "atomic_write", "check_outputs", "file_sha256", "is_primary_process",
            "sync_processes", "write_json", "write_outputs"]

@@ -185,8 +185,8 @@ def test_random_ffn_from_imported_teacher_exports_with_teacher_tokenizer(teacher
     meta = checkpoint.load_metadata(baseline)
     assert meta["kind"] == "random_ffn" and meta["source_hf_dir"] == str(teacher_dir.absolute())
     assert meta["source_model"] == str(imported.absolute()) and meta["recipe"]["groups"] == 2
-    # a record that names its source model only (as distillation writes it) is followed through that checkpoint
-    assert hf_export.teacher_hf_dir({"kind": "distilled", "source": str(baseline)}) == teacher_dir.absolute()
+    # a record that names its source model only is followed through that checkpoint to the HF root
+    assert hf_export.teacher_hf_dir({"kind": "distilled", "source_model": str(baseline)}) == teacher_dir.absolute()
     out = hf_export.export_checkpoint(baseline, tmp_path / "hf", progress=False)
     assert (out / "generation_config.json").read_bytes() == (teacher_dir / "generation_config.json").read_bytes()
     model = checkpoint.load_model(baseline)
