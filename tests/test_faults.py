@@ -51,8 +51,12 @@ def final_state(workdir: Path, step: int) -> dict:
 
 
 def logged(workdir: Path) -> dict[int, dict]:
-    """The metrics of each step; a step logged twice (before the kill and again after the resume) keeps the last."""
-    return {row["step"]: row for row in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+    """The metrics of each step; a resumed run drops what the killed one logged past its checkpoint, so every step
+    is logged once, in order."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)), f"steps logged out of order or twice: {steps}"
+    return {row["step"]: row for row in rows}
 
 
 def temporary_entries(checkpoint_dir: Path) -> list[str]:

@@ -39,7 +39,6 @@ def get_config() -> ConfigDict:
         micro_batches=1,  # gradient accumulation: the batch is processed in this many micro-batches (lax.scan)
         steps=3000,  # optimizer steps (the schedule's length)
         stop_at_step=0,  # > 0: end this run after this step (checkpointed), e.g. to fit a job's time slot
-        seed=0,  # no effect: nothing in the train step is random (no dropout); the data order is data.seed
         optimizer=dict(learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0),
         schedule=dict(warmup_steps=100, decay_steps=300, min_lr_ratio=0.1, decay_type="cosine"),
         mesh=dict(data=1, fsdp=-1, tensor=1, expert=1),  # device mesh; -1 = the rest of the devices

@@ -66,16 +66,26 @@ def train_flops_per_token(student: ModelConfig, teacher: ModelConfig | None, seq
 
 
 class MetricsWriter:
-    """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard scalars under ``tensorboard/``."""
+    """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard scalars under ``tensorboard/``.
 
-    def __init__(self, workdir: str | Path, tensorboard: bool = True):
+    A run resumed at ``resume_step`` first drops the rows a killed run logged after that step (they are logged
+    again), so every step appears once."""
+
+    def __init__(self, workdir: str | Path, tensorboard: bool = True, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         self._jsonl = self._tb = None
         if not self.enabled:
             return
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        path = workdir / "metrics.jsonl"
+        if path.exists():
+            from m2d_jax.artifacts import atomic_write
+
+            kept = [row for row in path.read_text().splitlines() if row and json.loads(row)["step"] <= resume_step]
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(row + "\n" for row in kept)),
+                         overwrite=True)
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
 

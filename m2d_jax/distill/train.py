@@ -289,7 +289,7 @@ def run(config: ConfigDict, devices=None) -> dict[str, Any]:
     start = start or 0
     end = min(config.steps, config.stop_at_step or config.steps)
 
-    writer = MetricsWriter(workdir, config.logging.tensorboard)
+    writer = MetricsWriter(workdir, config.logging.tensorboard, resume_step=start)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = train_flops_per_token(trainer.student_config, trainer.teacher_config, config.data.seq_len,
                                            config.teacher.top_k) * tokens_per_step
