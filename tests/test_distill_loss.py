@@ -1,7 +1,7 @@
 """Distillation numerics against independent references: the chunked forward KL vs NumPy and torch's kl_div, the
 fused LM-head + KL loss and its own gradient vs the unfused loss under autodiff (and its backward pass computing no
-logits), the next-token CE and Switch load-balancing loss vs NumPy, the WSD schedule vs transformers' get_wsd_schedule, and the
-mesh / logical-axis rules."""
+logits), the next-token CE and Switch load-balancing loss vs NumPy, the WSD schedule vs transformers'
+get_wsd_schedule, and the mesh / logical-axis rules."""
 
 import types
 
@@ -223,7 +223,8 @@ def test_objective_fused_equals_unfused_on_models(case, student_tied, teacher_ti
     for ref, got in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
         scale = float(jnp.abs(ref).max())
         assert scale > 0
-        np.testing.assert_allclose(got, ref, rtol=1e-5 if float32 else 0, atol=1e-6 * scale if float32 else 3e-2 * scale)
+        rtol, atol = (1e-5, 1e-6 * scale) if float32 else (0, 3e-2 * scale)
+        np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol)
 
 
 def test_next_token_ce_equals_numpy(case):
