@@ -59,7 +59,8 @@ class ForwardKLDistillation(Objective):
     """T^2 * mean over real tokens of KL(p_T || p_S), p = softmax(logits / T); the teacher under ``stop_gradient``.
     Metric ``kl``: the unscaled mean KL. ``fused``: the LM heads and the KL in one pass with its own gradient
     (``fused_forward_kl_sums``, no logits recomputed in the backward pass); False: the heads under
-    ``jax.checkpoint`` (``forward_kl_sums``). Both give the same loss and gradients."""
+    ``jax.checkpoint`` (``forward_kl_sums``). Both give the same loss and gradients (with bf16 compute, up to
+    rounding: the fused heads keep float32 logits)."""
 
     temperature: float = 1.0
     chunk: int = 256  # sequence positions per loss chunk (0 = one chunk)
