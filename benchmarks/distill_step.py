@@ -2,6 +2,7 @@
 
     python benchmarks/distill_step.py            # d=256, 4 layers, 16 experts top-4 teacher; 4 x 256 tokens/step
     python benchmarks/distill_step.py --quick    # a small smoke run
+    python benchmarks/distill_step.py --unfused  # the loss under jax.checkpoint (loss.fused=False)
 
 Both loops run in this one process on the same CPU, float32, with the same random HF checkpoints (transformers
 Qwen3-MoE teacher, Qwen3 dense student), the same token batches, the same loss (forward KL, T=1, masked token mean),
@@ -37,7 +38,7 @@ def batches(vocab: int, batch: int, seq: int, n: int, seed: int = 0):
             for _ in range(n)]
 
 
-def jax_step(teacher_dir, student_dir, chunk: int):
+def jax_step(teacher_dir, student_dir, chunk: int, fused: bool):
     """The library's jitted train step on one device: (state, teacher params, step fn, mesh)."""
     import jax
 
@@ -55,17 +56,17 @@ def jax_step(teacher_dir, student_dir, chunk: int):
     s_gd, s_state = nnx.split(student, nnx.Param)
     t_gd, t_state = nnx.split(teacher, nnx.Param)
     state, state_sh = train.init_train_state(s_state.to_pure_dict(), tx, mesh, s_sh)
-    step = train.make_train_step(s_gd, t_gd, tx, schedule, ForwardKLDistillation(chunk=chunk), 1, mesh, state_sh,
-                                 t_sh)
+    step = train.make_train_step(s_gd, t_gd, tx, schedule, ForwardKLDistillation(chunk=chunk, fused=fused), 1, mesh,
+                                 state_sh, t_sh)
     return state, t_state.to_pure_dict(), step, mesh
 
 
-def run_jax(teacher_dir, student_dir, data, chunk: int) -> tuple[float, list[float]]:
+def run_jax(teacher_dir, student_dir, data, chunk: int, fused: bool) -> tuple[float, list[float]]:
     import jax
 
     from m2d_jax.distill.sharding import batch_sharding
 
-    state, teacher_params, step, mesh = jax_step(teacher_dir, student_dir, chunk)
+    state, teacher_params, step, mesh = jax_step(teacher_dir, student_dir, chunk, fused)
     put = lambda b: {"input_ids": jax.device_put(b[0], batch_sharding(mesh)),  # noqa: E731
                      "attention_mask": jax.device_put(b[1], batch_sharding(mesh))}
     state, metrics = step(state, teacher_params, put(data[0]))  # compile + warm-up
@@ -111,12 +112,12 @@ def run_torch(teacher_dir, student_dir, data) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, losses
 
 
-def step_memory(teacher_dir, student_dir, batch: int, seq: int, chunk: int) -> dict:
+def step_memory(teacher_dir, student_dir, batch: int, seq: int, chunk: int, fused: bool) -> dict:
     """XLA buffer sizes of the compiled train step (no execution)."""
     import jax
     import jax.numpy as jnp
 
-    state, teacher_params, step, mesh = jax_step(teacher_dir, student_dir, chunk)
+    state, teacher_params, step, mesh = jax_step(teacher_dir, student_dir, chunk, fused)
     spec = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     analysis = step.lower(state, teacher_params, {"input_ids": spec, "attention_mask": spec}).compile() \
         .memory_analysis()
@@ -131,6 +132,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6, help="timed steps per framework (after one warm-up)")
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--memory-seq", type=int, default=512)
+    parser.add_argument("--unfused", action="store_true", help="the loss under jax.checkpoint (loss.fused=False)")
     args = parser.parse_args()
     import torch
 
@@ -147,13 +149,14 @@ def main():
     data = batches(teacher_cfg["vocab_size"], args.batch, args.seq, args.steps + 1)
     tokens = args.batch * args.seq * args.steps
 
-    jax_s, jax_losses = run_jax(t_dir, s_dir, data, args.chunk)
+    jax_s, jax_losses = run_jax(t_dir, s_dir, data, args.chunk, not args.unfused)
     torch_s, torch_losses = run_torch(t_dir, s_dir, data)
     mem_t = dict(teacher_cfg, **MEMORY)
     mem_s = dict(student_cfg, **{k: v for k, v in MEMORY.items() if k != "moe_intermediate_size"})
     mt_dir = make_hf_checkpoint(mem_t, tmp / "mem_teacher", seed=0)
     ms_dir = make_hf_checkpoint(mem_s, tmp / "mem_student", seed=1)
-    memory = {c: step_memory(mt_dir, ms_dir, args.batch, args.memory_seq, c) for c in (0, args.chunk)}
+    memory = {c: step_memory(mt_dir, ms_dir, args.batch, args.memory_seq, c, not args.unfused)
+              for c in (0, args.chunk)}
 
     result = {"jax_tokens_per_s": tokens / jax_s, "torch_tokens_per_s": tokens / torch_s,
               "jax_losses": jax_losses, "torch_losses": torch_losses, "memory": memory,
@@ -165,7 +168,9 @@ def main():
           f"batch {args.batch} x seq {args.seq}, {args.steps} timed steps\n")
     print("| train step (forward KL + AdamW) | tokens/s | ratio |\n|---|---|---|")
     print(f"| PyTorch eager (transformers teacher + student) | {result['torch_tokens_per_s']:.0f} | 1.00x |")
-    print(f"| m2d_jax jitted step (chunk {args.chunk}) | {result['jax_tokens_per_s']:.0f} | {ratio:.2f}x |")
+    loss_kind = "unfused" if args.unfused else "fused"
+    print(f"| m2d_jax jitted step ({loss_kind} loss, chunk {args.chunk}) | {result['jax_tokens_per_s']:.0f} "
+          f"| {ratio:.2f}x |")
     full, chunked = memory[0]["temp_bytes"], memory[args.chunk]["temp_bytes"]
     print(f"\nvocab {MEMORY['vocab_size']}, batch {args.batch} x seq {args.memory_seq}: full float32 logits of one "
           f"model = {args.batch * args.memory_seq * MEMORY['vocab_size'] * 4 / 2**20:.0f} MiB\n")

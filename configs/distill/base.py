@@ -26,6 +26,7 @@ def get_config() -> ConfigDict:
         loss=dict(
             temperature=1.0,  # softmax temperature T; the KL is scaled by T^2
             chunk=256,  # sequence positions per loss chunk (0 = no chunking): live logits O(batch * chunk * vocab)
+            fused=True,  # objective="kl": LM heads + KL in one pass with its own gradient (no logits recomputed)
             load_balance_weight=0.01,  # objective="lm" with an MoE student: Switch load-balancing loss weight
         ),
         data=dict(

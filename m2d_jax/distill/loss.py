@@ -5,12 +5,17 @@ and a ``lax.scan`` computes the LM heads and the loss per chunk under ``jax.chec
 O(B * chunk * V) in the forward and the backward pass (the chunk's logits are recomputed for its gradient). With
 vocab 151,936 at seq 2048 the full float32 logits of teacher and student would be tens of GB.
 
+``fused_forward_kl_sums`` is the forward KL with the LM heads inside and its own gradient: each chunk's logits are
+computed once, in the forward pass, together with the gradient with respect to the student's hidden states and head
+kernel, so the backward pass only scales those by the incoming cotangent (no logits recomputed).
+
 Every loss returns (sum over valid tokens, number of valid tokens) so that micro-batches combine into the exact
 token mean of the whole batch.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -29,6 +34,13 @@ def token_forward_kl(teacher_logits, student_logits, temperature: float = 1.0):
     return jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
 
 
+def _split_chunks(x, chunk: int):
+    """[B, S, ...] -> [n, B, chunk, ...], S padded with zeros to n * chunk."""
+    pad = -x.shape[1] % chunk
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((x.shape[0], -1, chunk) + x.shape[2:]), 1, 0)
+
+
 def _chunked_sums(per_chunk: Callable, xs: tuple, mask, chunk: int):
     """Sum of ``per_chunk(*xs_chunk, mask_chunk) -> scalar`` over sequence chunks, and the valid-token count.
 
@@ -40,12 +52,7 @@ def _chunked_sums(per_chunk: Callable, xs: tuple, mask, chunk: int):
     s = mask.shape[1]
     if chunk <= 0 or chunk >= s:
         return per_chunk(*xs, mask), count
-    pad = -s % chunk
-    n = (s + pad) // chunk
-
-    def split(x):  # [B, S, ...] -> [n, B, chunk, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((x.shape[0], n, chunk) + x.shape[2:]), 1, 0)
+    split = functools.partial(_split_chunks, chunk=chunk)
 
     @jax.checkpoint
     def body(total, chunk_xs):
@@ -69,6 +76,83 @@ def forward_kl_sums(student_hidden, teacher_hidden, mask, student_head: Head, te
         return jnp.sum(token_forward_kl(t_logits, student_head(hs), temperature) * m)
 
     return _chunked_sums(per_chunk, (student_hidden, teacher_hidden), mask, chunk)
+
+
+def fused_forward_kl_sums(student_hidden, student_kernel, teacher_hidden, teacher_kernel, mask,
+                          temperature: float = 1.0, chunk: int = 0):
+    """``forward_kl_sums`` with the LM heads ``hidden @ kernel`` fused in and its own gradient (``jax.custom_vjp``).
+
+    student_hidden [B, S, d_S], student_kernel [d_S, V] (a tied head passes ``embed.T``), teacher_hidden [B, S, d_T],
+    teacher_kernel [d_T, V], mask [B, S] (1 = valid). The matmuls run in each model's hidden-state dtype (the
+    kernel is cast to it, as ``CausalLM.logits`` does) with float32 results; softmax, KL and the gradient sums are
+    float32. Under differentiation each chunk's logits are computed once: the forward pass also gives the gradient
+    of the KL sum with respect to student_hidden and student_kernel, d/dz_S = (p_S - p_T) / T per valid position,
+    and the backward pass scales it by the cotangent. Nothing flows to the teacher or the mask (zero cotangents).
+    Live logits are O(B * chunk * V); the residuals are the gradients [B, S, d_S] and [d_S, V].
+    """
+    mask = mask.astype(jnp.float32)
+    kl_sum = _fused_kl_sum(student_hidden, student_kernel, teacher_hidden, teacher_kernel, mask, temperature, chunk)
+    return kl_sum, jnp.sum(mask)
+
+
+def _kl_chunk(hs, ws, ht, wt, m, temperature: float, with_grads: bool):
+    """One chunk: KL sum over its valid positions, and with ``with_grads`` its gradients (d hs [B, c, d_S] in hs's
+    dtype, d ws [d_S, V] float32). hs [B, c, d_S], ht [B, c, d_T], m [B, c]."""
+    ws = ws.astype(hs.dtype)
+    t_logits = jnp.matmul(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32)  # [B, c, V]
+    s_logits = jnp.matmul(hs, ws, preferred_element_type=jnp.float32)  # [B, c, V]
+    t_logp = jax.nn.log_softmax(t_logits / temperature, axis=-1)
+    s_logp = jax.nn.log_softmax(s_logits / temperature, axis=-1)
+    p_t = jnp.exp(t_logp)
+    valid = m > 0  # [B, c]
+    kl = jnp.sum(jnp.where(valid, jnp.sum(p_t * (t_logp - s_logp), axis=-1), 0.0))
+    if not with_grads:
+        return kl
+    d_logits = jnp.where(valid[..., None], (jnp.exp(s_logp) - p_t) / temperature, 0.0).astype(hs.dtype)  # [B, c, V]
+    d_hidden = jnp.einsum("bcv,dv->bcd", d_logits, ws, preferred_element_type=jnp.float32).astype(hs.dtype)
+    d_kernel = jnp.einsum("bcd,bcv->dv", hs, d_logits, preferred_element_type=jnp.float32)  # [d_S, V]
+    return kl, d_hidden, d_kernel
+
+
+def _fused_kl_pass(hs, ws, ht, wt, mask, temperature: float, chunk: int, with_grads: bool):
+    """KL sum over all chunks (a ``lax.scan`` when ``chunk`` splits S), and with ``with_grads`` its gradients."""
+    s = mask.shape[1]
+    if chunk <= 0 or chunk >= s:
+        return _kl_chunk(hs, ws, ht, wt, mask, temperature, with_grads)
+
+    def body(carry, xs):
+        out = _kl_chunk(xs[0], ws, xs[1], wt, xs[2], temperature, with_grads)
+        if not with_grads:
+            return carry + out, None
+        total, d_kernel = carry
+        kl, d_hidden, d_kernel_chunk = out
+        return (total + kl, d_kernel + d_kernel_chunk), d_hidden
+
+    xs = tuple(_split_chunks(x, chunk) for x in (hs, ht, mask))  # [n, B, chunk, ...]
+    total = jnp.zeros((), jnp.float32)
+    if not with_grads:
+        return jax.lax.scan(body, total, xs)[0]
+    (total, d_kernel), d_hidden = jax.lax.scan(body, (total, jnp.zeros(ws.shape, jnp.float32)), xs)
+    d_hidden = jnp.moveaxis(d_hidden, 0, 1).reshape((hs.shape[0], -1, hs.shape[2]))[:, :s]  # [B, S, d_S]
+    return total, d_hidden, d_kernel
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused_kl_sum(hs, ws, ht, wt, mask, temperature, chunk):
+    return _fused_kl_pass(hs, ws, ht, wt, mask, temperature, chunk, with_grads=False)
+
+
+def _fused_kl_sum_fwd(hs, ws, ht, wt, mask, temperature, chunk):
+    total, d_hidden, d_kernel = _fused_kl_pass(hs, ws, ht, wt, mask, temperature, chunk, with_grads=True)
+    return total, (d_hidden, d_kernel.astype(ws.dtype))
+
+
+def _fused_kl_sum_bwd(temperature, chunk, residuals, g):
+    d_hidden, d_kernel = residuals
+    return (g * d_hidden).astype(d_hidden.dtype), (g * d_kernel).astype(d_kernel.dtype), None, None, None
+
+
+_fused_kl_sum.defvjp(_fused_kl_sum_fwd, _fused_kl_sum_bwd)
 
 
 def next_token_ce_sums(hidden, input_ids, mask, head: Head, chunk: int = 0):

@@ -20,8 +20,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from m2d_jax.distill.loss import (forward_kl_sums, load_balance_loss, next_token_ce_sums, next_token_pairs,
-                                  router_load_observer)
+from m2d_jax.distill.loss import (forward_kl_sums, fused_forward_kl_sums, load_balance_loss, next_token_ce_sums,
+                                  next_token_pairs, router_load_observer)
 from m2d_jax.models import CausalLM
 
 Metrics = dict[str, jax.Array]
@@ -48,18 +48,28 @@ class Objective(abc.ABC):
         of the whole batch's values; ``tokens``: float32 count of ``loss_tokens`` over the whole batch."""
 
 
+def head_kernel(model: CausalLM) -> jax.Array:
+    """The LM-head kernel [d, V] of ``CausalLM.logits`` (``hidden @ kernel``): ``embed.T`` when the embeddings are
+    tied, else ``lm_head``, in the parameter dtype."""
+    return model.embed[...].T if model.config.tie_word_embeddings else model.lm_head[...]
+
+
 @dataclasses.dataclass(frozen=True)
 class ForwardKLDistillation(Objective):
     """T^2 * mean over real tokens of KL(p_T || p_S), p = softmax(logits / T); the teacher under ``stop_gradient``.
-    Metric ``kl``: the unscaled mean KL."""
+    Metric ``kl``: the unscaled mean KL. ``fused``: the LM heads and the KL in one pass with its own gradient
+    (``fused_forward_kl_sums``, no logits recomputed in the backward pass); False: the heads under
+    ``jax.checkpoint`` (``forward_kl_sums``). Both give the same loss and gradients (with bf16 compute, up to
+    rounding: the fused heads keep float32 logits)."""
 
     temperature: float = 1.0
     chunk: int = 256  # sequence positions per loss chunk (0 = one chunk)
+    fused: bool = True
     uses_teacher: ClassVar[bool] = True
 
     @classmethod
     def from_loss_config(cls, loss):
-        return cls(loss.temperature, loss.chunk)
+        return cls(loss.temperature, loss.chunk, loss.fused)
 
     def loss_tokens(self, mask):
         return mask
@@ -68,8 +78,12 @@ class ForwardKLDistillation(Objective):
         ids, mask = batch["input_ids"], batch["attention_mask"]  # [b, S]
         teacher_hidden = jax.lax.stop_gradient(teacher.hidden_states(ids, mask))  # [b, S, d_T]
         student_hidden = student.hidden_states(ids, mask)  # [b, S, d_S]
-        kl_sum, _ = forward_kl_sums(student_hidden, teacher_hidden, mask, student.logits, teacher.logits,
-                                    self.temperature, self.chunk)
+        if self.fused:
+            kl_sum, _ = fused_forward_kl_sums(student_hidden, head_kernel(student), teacher_hidden,
+                                              head_kernel(teacher), mask, self.temperature, self.chunk)
+        else:
+            kl_sum, _ = forward_kl_sums(student_hidden, teacher_hidden, mask, student.logits, teacher.logits,
+                                        self.temperature, self.chunk)
         kl = kl_sum / tokens
         return self.temperature ** 2 * kl, {"kl": kl}
 
