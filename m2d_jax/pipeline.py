@@ -75,6 +75,7 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
     import m2d_jax
     from m2d_jax.calibration import calibrate, calibration_windows, save_stats
     from m2d_jax.data import DataError, load_tokenizer, pack_documents, read_documents, tokenize_documents
+    from m2d_jax.info import load_config
 
     check_outputs(out, overwrite=overwrite)
     for name, value in (("seq_len", seq_len), ("num_seqs", num_seqs), ("batch_size", batch_size)):
@@ -83,15 +84,15 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
     if gram_tokens < 0 or not 0 <= shard_index < shard_count:
         raise ValueError(f"need gram_tokens >= 0 and 0 <= shard_index < shard_count "
                          f"(got {gram_tokens}, {shard_index}, {shard_count})")
-    tokenizer = load_tokenizer(tokenizer_dir or model_path)
-    tokens = tokenize_documents(read_documents(data_files, text_field), tokenizer)  # bad data fails before loading
-    teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
-    config = teacher.config
+    config, _ = load_config(model_path)  # the architecture only: bad input fails before any weight is read
     if not config.is_moe:
         raise ValueError(f"{model_path}: {config.family} model has no MoE layers to calibrate")
+    tokenizer = load_tokenizer(tokenizer_dir or model_path)
+    tokens = tokenize_documents(read_documents(data_files, text_field), tokenizer)
     if tokens.max() >= config.vocab_size:
         raise DataError(f"tokenizer of {tokenizer.directory} produced id {int(tokens.max())} >= the model's "
                         f"vocab_size {config.vocab_size}")
+    teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
     windows = calibration_windows(pack_documents(tokens, seq_len), num_seqs, seed)
     stats = calibrate(teacher, windows, gram_tokens=gram_tokens, batch_size=batch_size, seed=seed,
                       gram_chunk=gram_chunk, shard_index=shard_index, shard_count=shard_count,
