@@ -109,7 +109,7 @@ def axis_options(config: ModelConfig, axis: str, min_fraction: float) -> list[di
         floor = _floor(a.num_heads, min_fraction)
         options = [{"num_heads": g * r, "num_kv_heads": g} for g in range(a.num_kv_heads, 0, -1)
                    for r in range(group, 0, -1) if g * r >= floor]
-        return sorted(options, key=lambda o: (-o["num_heads"], -o["num_kv_heads"]))
+        return options
     if axis == "hidden":
         d = config.hidden_size
         return [{"hidden_size": h} for h in range(d, _floor(d, min_fraction) - 1, -1)]
@@ -132,10 +132,12 @@ def plan_shape(config: ModelConfig, target_params: int, axes=DEFAULT_AXES,
     if target_params > teacher_count:
         raise PruneError(f"target of {target_params:,} parameters exceeds the teacher's {teacher_count:,}: pruning "
                          f"only removes parameters")
-    options = {axis: axis_options(config, axis, min_fraction) for axis in axes}
 
     def count(**fields) -> int:
         return shape_param_count(leaves, dataclasses.replace(teacher, **fields))
+
+    # each axis' options from the largest model to the smallest (the last is the axis' floor)
+    options = {axis: sorted(axis_options(config, axis, min_fraction), key=lambda o: -count(**o)) for axis in axes}
 
     floors: dict = {}
     for j, axis in enumerate(axes):  # the coarsest axis that has to shrink: axes[j]
@@ -149,10 +151,12 @@ def plan_shape(config: ModelConfig, target_params: int, axes=DEFAULT_AXES,
     chosen: dict = {}
     for i in range(j, -1, -1):  # coarsest to finest: each shrunk as little as the finer ones' floors allow
         finer_floors = {k: v for axis in axes[:i] for k, v in options[axis][-1].items()}
-        fits = [o for o in options[axes[i]] if count(**chosen, **o, **finer_floors) <= target_params]
-        if i == 0:  # the finest axis comes closest, from either side (ties: the larger model)
-            fits = sorted(options[axes[0]], key=lambda o: (abs(count(**chosen, **o) - target_params),
-                                                           -count(**chosen, **o)))
-        chosen.update(fits[0])
+        if i > 0:  # the largest model that still reaches the target (ties: the first option, more KV groups)
+            fits = [o for o in options[axes[i]] if count(**chosen, **o, **finer_floors) <= target_params]
+            best = max(fits, key=lambda o: count(**chosen, **o, **finer_floors))
+        else:  # the finest axis comes closest, from either side (ties: the larger model)
+            best = min(options[axes[0]], key=lambda o: (abs(count(**chosen, **o) - target_params),
+                                                        -count(**chosen, **o)))
+        chosen.update(best)
     shape = dataclasses.replace(teacher, **chosen)
     return shape, shape_param_count(leaves, shape)
