@@ -15,20 +15,26 @@ from m2d_jax.cli import main as m2d_main
 from m2d_jax.errors import PruneError
 from m2d_jax.hf.export import export_model
 from m2d_jax.hf.oracle import load_reference, make_hf_checkpoint, padded_batch, reference_logits
-from m2d_jax.info import summarize
+from m2d_jax.info import load_config, summarize
 from m2d_jax.prune import (PrunedShape, compute_importance, parse_param_count, plan_shape, prune_dense,
                            prune_to, select_units)
 from m2d_jax.prune.plan import parameter_axes, shape_param_count
 
-# GQA 6 query heads in 3 KV groups, head_dim 8 != 48 / 6, untied; and MHA with tied embeddings and a sliding layer
+# GQA 6 query heads in 3 KV groups, head_dim 8 != 48 / 6, untied; MHA with attention biases, tied embeddings and
+# sliding layers; DeepSeek-V2 latent attention (MLA) with every layer dense
 TEACHERS = {
     "gqa": dict(model_type="qwen3", vocab_size=320, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
                 num_attention_heads=6, num_key_value_heads=3, head_dim=8, max_position_embeddings=64,
                 tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
-    "mha_tied_sliding": dict(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
-                             use_sliding_window=True, sliding_window=6, max_window_layers=2,
-                             max_position_embeddings=64, tie_word_embeddings=True),
+    "mha_bias_tied_sliding": dict(model_type="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                                  attention_bias=True, use_sliding_window=True, sliding_window=6,
+                                  max_window_layers=2, max_position_embeddings=64, tie_word_embeddings=True),
+    "mla": dict(model_type="deepseek_v2", vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=3, n_routed_experts=4,
+                moe_intermediate_size=16, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None,
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
+                tie_word_embeddings=False),
 }
 MOE = dict(model_type="qwen3_moe", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16, num_experts=4,
@@ -40,7 +46,8 @@ def teacher_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune")
     dirs = {"gqa": make_checkpoint_with_tokenizer(TEACHERS["gqa"], root / "gqa", seed=3, tokenizer_vocab=320,
                                                   docs=corpus_documents(40, max_chars=3000))}
-    dirs["mha_tied_sliding"] = make_hf_checkpoint(TEACHERS["mha_tied_sliding"], root / "mha", seed=4, init_std=0.1)
+    for seed, name in enumerate(("mha_bias_tied_sliding", "mla")):
+        dirs[name] = make_hf_checkpoint(TEACHERS[name], root / name, seed=seed, init_std=0.1)
     return dirs
 
 
@@ -74,31 +81,36 @@ def test_pruning_nothing_is_the_teacher(teacher_dir):
     np.testing.assert_array_equal(np.asarray(pruned(ids, mask)), np.asarray(teacher(ids, mask)))
 
 
-@pytest.mark.parametrize("name, axes, min_fraction, shape", [
+@pytest.mark.parametrize("name, axes, min_fraction, target", [
     ("gqa", ("ffn",), 0.1, dict(intermediate_size=51)),
     # under the FFN floor (40): one query head per KV group goes (ties with a whole group: more KV groups kept),
     # then the FFN width is refitted to the exact count
     ("gqa", ("ffn", "heads"), 0.5, dict(intermediate_size=45, num_heads=3, num_kv_heads=3)),
-    # every axis; the target (6000) is no shape's exact count: the closest FFN width
-    ("mha_tied_sliding", ("ffn", "heads", "hidden", "depth"), 0.3, None),
+    # every axis (attention biases, tied embeddings, a sliding layer); a target that is no shape's exact count
+    ("mha_bias_tied_sliding", ("ffn", "heads", "hidden", "depth"), 0.3, 6000),
+    ("mla", ("ffn", "heads", "depth"), 0.3, 30400),
 ])
 def test_pruned_model_has_the_planned_count_and_matches_transformers(teacher_dir, tmp_path, name, axes,
-                                                                     min_fraction, shape):
+                                                                     min_fraction, target):
     teacher = m2d_jax.from_pretrained(teacher_dir[name], progress=False)
     vocab = teacher.config.vocab_size
-    target = 6000 if shape is None else _count(teacher.config, **shape)
+    shape = target if isinstance(target, dict) else None
+    target = _count(teacher.config, **shape) if shape else target
     pruned, report = prune_dense(teacher, _windows(vocab), target, axes=axes, min_fraction=min_fraction)
     if shape is not None:
         assert report.params == target and report.shape == PrunedShape(**{**report.teacher_shape.to_dict(),
                                                                            **shape})
-    else:  # depth and hidden were needed; no FFN width comes closer to the target
-        s = report.shape
-        assert s.num_layers < 4 and s.hidden_size < 32 and s.num_heads < 4
+    else:  # every coarse axis was needed, and no FFN width comes closer to the target
+        s, t = report.shape, report.teacher_shape
+        reduced = {"heads": s.num_heads < t.num_heads, "hidden": s.hidden_size < t.hidden_size,
+                   "depth": s.num_layers < t.num_layers}
+        assert all(reduced[axis] for axis in axes if axis != "ffn")
         assert abs(report.params - target) <= 3 * s.hidden_size * s.num_layers / 2
     assert summarize(pruned.config)["total_params"] == report.params == sum(p.size for p in _params(pruned).values())
     out = export_model(pruned, tmp_path / "hf", tokenizer_from=teacher_dir[name], progress=False)
     hf = json.loads((out / "config.json").read_text())
-    assert hf["architectures"] == ["Qwen3ForCausalLM"]
+    assert hf["architectures"] == [{"qwen3": "Qwen3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}[
+        TEACHERS[name]["model_type"]]]
     assert hf["intermediate_size"] == report.shape.intermediate_size
     reference = load_reference(out)  # AutoModelForCausalLM, no custom code
     assert sum(p.numel() for p in reference.parameters()) == report.params
@@ -143,9 +155,9 @@ def _hf_importance(path, windows: np.ndarray) -> dict:
 
 def test_importance_equals_float64_sums_of_transformers_activations(teacher_dir):
     windows = _windows(128, num=5, seq=10)  # 5 windows in batches of 2: the last batch has a masked filler row
-    importance = compute_importance(m2d_jax.from_pretrained(teacher_dir["mha_tied_sliding"], progress=False),
+    importance = compute_importance(m2d_jax.from_pretrained(teacher_dir["mha_bias_tied_sliding"], progress=False),
                                     windows, batch_size=2)
-    reference = _hf_importance(teacher_dir["mha_tied_sliding"], windows)
+    reference = _hf_importance(teacher_dir["mha_bias_tied_sliding"], windows)
     assert importance.tokens == windows.size
     for name, expected in reference.items():
         np.testing.assert_allclose(getattr(importance, name), expected, rtol=2e-5, atol=1e-7, err_msg=name)
@@ -220,6 +232,8 @@ def test_bad_inputs_fail_in_one_line(teacher_dir, tmp_path, capsys):
         prune_dense(teacher, _windows(320), 1000)
     with pytest.raises(PruneError, match="pruning axes"):
         prune_dense(teacher, _windows(320), total, axes=("experts",))
+    with pytest.raises(PruneError, match="latent attention"):
+        plan_shape(load_config(teacher_dir["mla"])[0], 1000, axes=("ffn", "hidden"))
     with pytest.raises(PruneError, match="outside"):
         compute_importance(teacher, _windows(320) + 320)
     with pytest.raises(PruneError, match="parameter count"):

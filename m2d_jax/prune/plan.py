@@ -88,9 +88,12 @@ def check_prunable(config: ModelConfig, axes) -> tuple[str, ...]:
         raise PruneError(f"the {config.family} model has MoE layers: dense-to-dense pruning takes a dense teacher "
                          f"(convert an MoE teacher with `m2d convert`)")
     a = config.attention
-    if "heads" in axes and (a.kind != "gqa" or a.qk_norm == "full"):
-        raise PruneError(f"the {config.family} model's attention ({a.kind}, qk_norm={a.qk_norm!r}) has no separable "
-                         f"heads to prune: drop 'heads' from the axes")
+    if "heads" in axes and a.qk_norm == "full":
+        raise PruneError(f"the {config.family} model's q/k norm spans all heads (qk_norm='full'): its heads cannot "
+                         f"be pruned separately; drop 'heads' from the axes")
+    if "hidden" in axes and a.kind == "mla":  # transformers' DeepSeek-V2 config checks hidden % heads == 0
+        raise PruneError(f"the {config.family} model's latent attention (MLA) ties its hidden size to its heads in "
+                         f"transformers: drop 'hidden' from the axes")
     return tuple(axis for axis in PRUNE_AXES if axis in axes)
 
 
