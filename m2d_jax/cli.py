@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     from m2d_jax.prune import DEFAULT_AXES, DEFAULT_MIN_FRACTION, PRUNE_AXES, parse_param_count
 
     p = sub.add_parser("prune-dense", help="dense-to-dense (D2D) baseline: prune a dense teacher to a parameter "
-                                           "count with activation importance (docs/METHOD.md)")
+                                           "count with activation importance (docs/METHOD.md §17)")
     p.add_argument("--model", required=True, help="HF or m2d_jax checkpoint directory of the dense teacher")
     p.add_argument("--data", required=True, nargs="+", help="local text / jsonl / parquet calibration files")
     target = p.add_mutually_exclusive_group(required=True)

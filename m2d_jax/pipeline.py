@@ -23,7 +23,7 @@ from typing import Sequence
 from m2d_jax.artifacts import Provenance, check_outputs, file_sha256, write_outputs
 from m2d_jax.calibration import CalibrationStats
 from m2d_jax.convert import ConversionRecipe
-from m2d_jax.prune.plan import DEFAULT_AXES, DEFAULT_MIN_FRACTION
+from m2d_jax.prune import DEFAULT_AXES, DEFAULT_MIN_FRACTION, PruneReport
 from m2d_jax.scoring import Selection
 
 log = logging.getLogger(__name__)
@@ -227,12 +227,12 @@ def prune_dense_checkpoint(model_path: str | Path, data_files: Sequence[str | Pa
                            min_fraction: float = DEFAULT_MIN_FRACTION, seq_len: int = 2048, num_seqs: int = 512,
                            batch_size: int = 8, seed: int = 0, tokenizer_dir: str | Path | None = None,
                            text_field: str = "text", dtype: str = "float32", overwrite: bool = False,
-                           progress: bool = True):
+                           progress: bool = True) -> tuple[Path, PruneReport]:
     """``m2d prune-dense``: the dense teacher at ``model_path`` pruned to ``target_params`` parameters, or to the
     total parameter count of the checkpoint ``params_of`` (e.g. an MoE-converted student), with importance measured
-    on ``num_seqs`` calibration windows of ``seq_len`` tokens of ``data_files`` (docs/METHOD.md, "Dense-to-dense
-    pruning baseline"). Writes an m2d_jax checkpoint at ``out`` (and an HF directory at ``hf_out``: both or
-    neither). Returns ``(out, PruneReport)``."""
+    on ``num_seqs`` calibration windows of ``seq_len`` tokens of ``data_files`` (docs/METHOD.md §17).
+    Writes an m2d_jax checkpoint at ``out`` (and an HF directory at ``hf_out``: both or neither); the target is
+    checked against the teacher's config before any weight or text is read. Returns ``(out, PruneReport)``."""
     import m2d_jax
     from m2d_jax.errors import PruneError
     from m2d_jax.info import load_config, summarize

@@ -1,5 +1,5 @@
 """Dense-to-dense (D2D) pruning baseline: structured FFN / head / hidden / depth pruning of a dense decoder to a
-parameter target with Minitron-style activation importance (docs/METHOD.md, "Dense-to-dense pruning baseline").
+parameter target with Minitron-style activation importance (docs/METHOD.md §17).
 
 ```python
 from m2d_jax.prune import prune_dense

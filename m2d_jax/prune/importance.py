@@ -3,8 +3,7 @@
 The pass is the teacher's own forward: each scanned layer runs its unchanged ``DecoderLayer.__call__`` with four of
 its sub-modules wrapped by recorders (the two norms' outputs, the ``o_proj`` input, the ``down_proj`` input), and the
 recorded activations are reduced to per-layer sums on device (float32, one batch), accumulated in float64 on host.
-Every importance is a mean over the calibration tokens (padding excluded), docs/METHOD.md "Dense-to-dense pruning
-baseline":
+Every importance is a mean over the calibration tokens (padding excluded), docs/METHOD.md §17:
 
 - FFN neuron i of layer l: ``mean_t |phi_i(t)|``, phi = act(gate) * up, the input of ``down_proj``;
 - query head h of layer l: ``mean_t ||o_h(t)||_2``, o_h = the head's attention output (its slice of the ``o_proj``

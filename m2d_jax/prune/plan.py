@@ -5,8 +5,8 @@ A pruned model differs from its teacher only in five sizes (``PrunedShape``): FF
 leaves: every leaf's size is the product of its dimensions, and each dimension is named by its logical axis
 (``mlp``, ``heads``, ``kv_heads``, ``embed``, ``layers``), so a shape's count needs no model built.
 
-The rule (docs/METHOD.md, "Dense-to-dense pruning baseline"): the enabled axes are used from the finest to the
-coarsest, FFN -> heads -> hidden -> depth. The coarsest axis that must shrink is shrunk as little as reaches the
+The rule (docs/METHOD.md §17): the enabled axes are used from the finest to the coarsest, FFN -> heads -> hidden ->
+depth. The coarsest axis that must shrink is shrunk as little as reaches the
 target with every finer axis at its floor; the finer coarse axes are then shrunk as little as still reaches it; the
 FFN width (one neuron = ``3 d`` parameters per layer) finally takes the value whose count is closest to the target.
 No axis keeps fewer than ``ceil(min_fraction * teacher size)`` units (and at least one).

@@ -140,7 +140,7 @@ def prune_dense(teacher: CausalLM, windows: np.ndarray, target_params: int, *, a
     """The dense ``teacher`` pruned to about ``target_params`` parameters along ``axes`` (a subset of
     ``PRUNE_AXES``: "ffn", "heads", "hidden", "depth"), with Minitron-style activation importance measured on the
     calibration windows [N, T]; the planner's rule and the importance definitions are in docs/METHOD.md
-    ("Dense-to-dense pruning baseline"). Returns the pruned model and its ``PruneReport``."""
+    §17. Returns the pruned model and its ``PruneReport``."""
     from m2d_jax.info import summarize
 
     config = teacher.config
