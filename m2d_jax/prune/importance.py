@@ -115,7 +115,7 @@ def compute_importance(model: CausalLM, windows: np.ndarray, batch_size: int = 8
     from m2d_jax.calibration.sampling import calibration_batches
 
     config = model.config
-    if config.is_moe or len(config.stacks) != 1:
+    if config.is_moe:
         raise PruneError(f"the {config.family} model has MoE layers: pruning importance needs a dense model")
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.size == 0:
