@@ -250,6 +250,12 @@ def test_bad_inputs_fail_in_one_line(teacher_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("m2d prune-dense: error: ") and "has MoE layers" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+    dense = ["prune-dense", "--model", str(teacher_dir["gqa"]), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert m2d_main(dense + ["--params", "1K", "--axes", "ffn,experts"]) == 2
+    assert "pruning axes ['ffn', 'experts']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one usage line and the error
+        m2d_main(dense + ["--params", "1.2X"])
+    assert "invalid parse_param_count value: '1.2X'" in capsys.readouterr().err
 
 
 def test_cli_prune_dense_matches_a_checkpoint_count(teacher_dir, tmp_path, capsys):
