@@ -156,9 +156,9 @@ def _cmd_prune_dense(args) -> int:
 
     out, report = prune_dense_checkpoint(
         args.model, args.data, args.out, target_params=args.params, params_of=args.params_of, hf_out=args.hf_out,
-        axes=[a.strip() for a in args.axes.split(",")], min_fraction=args.min_fraction, seq_len=args.seq_len, num_seqs=args.num_seqs,
-        batch_size=args.batch_size, seed=args.seed, tokenizer_dir=args.tokenizer, text_field=args.text_field,
-        dtype=args.dtype, overwrite=args.overwrite)
+        axes=[a.strip() for a in args.axes.split(",")], min_fraction=args.min_fraction, seq_len=args.seq_len,
+        num_seqs=args.num_seqs, batch_size=args.batch_size, seed=args.seed, tokenizer_dir=args.tokenizer,
+        text_field=args.text_field, dtype=args.dtype, overwrite=args.overwrite)
     print(f"pruned {report.teacher_params:,} -> {report.params:,} parameters (target {report.target_params:,}; "
           f"{report.params - report.target_params:+,}), shape {report.shape.to_dict()}")
     print(f"wrote {out}" + (f" and {args.hf_out}" if args.hf_out else ""))
