@@ -1,0 +1,205 @@
+"""The FlexOlmo family: stock FlexOlmo against transformers' ``FlexOlmoForCausalLM``, and the EMO / StdMoE pre-norm,
+no-q/k-norm variants against transformers' own modules composed into their structure (float32, max |dlogit| <= 1e-4,
+padded batches); KV-cache decoding; conversion exactness through the HF export to OLMo2 / Llama.
+
+The variants' oracle: a ``LlamaForCausalLM`` (pre-norm layers, no q/k norm, rotate-half RoPE) whose decoder layers'
+``mlp`` is replaced by a sparse-MoE block built here from transformers' ``LlamaMLP`` experts, a ``torch.nn.Linear``
+router and the variant's routing as the issue states it (split softmaxes over routed / shared logits; or a separate
+shared MLP mixed as shared/(k+1) + routed * k/(k+1)). It is saved with the fork's config.json fields and key names,
+so the adapter reads it as it reads a user's checkpoint.
+"""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+import m2d_jax
+from m2d_jax.errors import CheckpointError
+from m2d_jax.hf.oracle import load_reference, make_hf_checkpoint, padded_batch, reference_logits
+
+TOL = 1e-4
+
+# stock FlexOlmo: E = 5 (not a power of two), top-3 (odd), GQA 4/2, head_dim 12 != 48/4, un-normalised, untied
+FLEX_OLMO = dict(model_type="flex_olmo", vocab_size=96, hidden_size=48, intermediate_size=24, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_experts=5, num_experts_per_tok=3,
+                 norm_topk_prob=False, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                 eos_token_id=1, bos_token_id=None)
+
+# the fork's config.json fields (flex_olmo_noqknorm_prenorm): 6 router experts of which the last is shared, top-4
+# (3 routed + 1 shared), GQA 4/2, attention biases, a dense first layer (per-layer counts), tied embeddings
+PRENORM = dict(model_type="flex_olmo_noqknorm_prenorm", architectures=["FlexOlmoNoQKNormPrenormForCausalLM"],
+               vocab_size=96, hidden_size=48, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, hidden_act="silu", max_position_embeddings=64, rms_norm_eps=1e-6,
+               rope_theta=500000.0, attention_bias=True, tie_word_embeddings=True, num_experts=6,
+               num_shared_experts=1, num_experts_per_tok=4, norm_topk_prob=False,
+               num_experts_per_layer=[0, 6, 6], num_shared_experts_per_layer=[0, 1, 1], dense_intermediate_size=40)
+# flex_olmo_noqknorm_prenorm_shared: 5 routed experts, top-3 renormalised, a shared_mlp of width 20, untied
+PRENORM_SHARED = dict(model_type="flex_olmo_noqknorm_prenorm_shared",
+                      architectures=["FlexOlmoNoQKNormPrenormSharedForCausalLM"], vocab_size=96, hidden_size=48,
+                      intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      hidden_act="silu", max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=500000.0,
+                      attention_bias=False, tie_word_embeddings=False, num_experts=5, num_experts_per_tok=3,
+                      norm_topk_prob=True, shared_expert_intermediate_size=20)
+
+
+# ---- the composed oracle for the pre-norm variants -----------------------------------------------------------
+def _with_width(llama_config, width: int):
+    out = copy.deepcopy(llama_config)
+    out.intermediate_size = width
+    return out
+
+
+def _variant_moe_class():
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    class VariantMoE(torch.nn.Module):
+        """Routing as the issue states it, on transformers' LlamaMLP experts. ``shared`` (prenorm): the last s router
+        experts, own softmax; ``shared_width`` (prenorm_shared): a separate MLP, y = shared/(k+1) + routed*k/(k+1)."""
+
+        def __init__(self, llama_config, num_experts, top_k, norm_topk_prob, shared=0, shared_width=0):
+            super().__init__()
+            self.num_experts, self.top_k, self.norm, self.shared = num_experts, top_k, norm_topk_prob, shared
+            self.gate = torch.nn.Linear(llama_config.hidden_size, num_experts, bias=False)
+            self.experts = torch.nn.ModuleList([LlamaMLP(llama_config) for _ in range(num_experts)])
+            if shared_width:
+                self.shared_mlp = LlamaMLP(_with_width(llama_config, shared_width))
+
+        def forward(self, hidden):
+            b, t, d = hidden.shape
+            x = hidden.reshape(-1, d)
+            logits = self.gate(x)  # [T, E]
+            s = self.shared
+            routed_p = torch.softmax(logits[:, :self.num_experts - s].float(), dim=-1)
+            weights, index = torch.topk(routed_p, self.top_k - s, dim=-1)
+            if self.norm:
+                weights = weights / weights.sum(-1, keepdim=True)
+            if s:
+                shared_p = torch.softmax(logits[:, self.num_experts - s:].float(), dim=-1)
+                shared_w, shared_i = torch.topk(shared_p, s, dim=-1)
+                weights = torch.cat([weights, shared_w], 1)
+                index = torch.cat([index, shared_i + self.num_experts - s], 1)
+            out = torch.zeros_like(x)
+            for slot in range(index.shape[1]):
+                for e in range(self.num_experts):
+                    rows = index[:, slot] == e
+                    if rows.any():
+                        out[rows] += weights[rows, slot, None].to(x.dtype) * self.experts[e](x[rows])
+            if hasattr(self, "shared_mlp"):
+                k = self.top_k
+                out = self.shared_mlp(x) / (k + 1) + out * (k / (k + 1))
+            return out.reshape(b, t, d)
+
+    return VariantMoE
+
+
+def make_variant_checkpoint(fork_config: dict, out, seed: int = 0, std: float = 0.1):
+    """The composed oracle model (returned) and its checkpoint in the fork's layout under ``out``."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    c = fork_config
+    layers = c["num_hidden_layers"]
+    llama_config = transformers.LlamaConfig(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_hidden_layers=layers, num_attention_heads=c["num_attention_heads"],
+        num_key_value_heads=c["num_key_value_heads"], max_position_embeddings=c["max_position_embeddings"],
+        rms_norm_eps=c["rms_norm_eps"], rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"]},
+        attention_bias=c["attention_bias"], tie_word_embeddings=c["tie_word_embeddings"], pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(llama_config).eval()
+    moe = _variant_moe_class()
+    shared_variant = c["model_type"].endswith("_shared")
+    experts_per_layer = c.get("num_experts_per_layer") or [c["num_experts"]] * layers
+    for i, layer in enumerate(model.model.layers):
+        if not experts_per_layer[i]:
+            layer.mlp = LlamaMLP(_with_width(llama_config, c["dense_intermediate_size"]))
+        elif shared_variant:
+            layer.mlp = moe(llama_config, c["num_experts"], c["num_experts_per_tok"], c["norm_topk_prob"],
+                            shared_width=c["shared_expert_intermediate_size"])
+        else:
+            layer.mlp = moe(llama_config, experts_per_layer[i], c["num_experts_per_tok"], c["norm_topk_prob"],
+                            shared=c["num_shared_experts_per_layer"][i])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(1.0)
+    model = model.eval()
+    renames = {"input_layernorm": "pre_attention_layernorm", "post_attention_layernorm": "pre_feedforward_layernorm"}
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if c["tie_word_embeddings"] and key == "lm_head.weight":
+            continue
+        for old, new in renames.items():
+            key = key.replace(f".{old}.", f".{new}.")
+        tensors[key] = value.contiguous()
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(fork_config))
+    return model
+
+
+def _max_diff(got, want, mask):
+    valid = mask.astype(bool)
+    return float(np.abs(np.asarray(got, np.float32) - want)[valid].max())
+
+
+@pytest.fixture(scope="module")
+def flex_olmo_dir(tmp_path_factory):
+    return make_hf_checkpoint(FLEX_OLMO, tmp_path_factory.mktemp("flex") / "flex_olmo", seed=2, init_std=0.1)
+
+
+@pytest.fixture(scope="module")
+def variant(tmp_path_factory):
+    """name -> (checkpoint dir, oracle model), built once per module."""
+    cache = {}
+
+    def build(name):
+        if name not in cache:
+            out = tmp_path_factory.mktemp("variant") / name
+            cache[name] = out, make_variant_checkpoint({"prenorm": PRENORM, "prenorm_shared": PRENORM_SHARED}[name],
+                                                       out, seed=len(name))
+        return cache[name]
+
+    return build
+
+
+# ---- parity ----------------------------------------------------------------------------------------------------
+def test_stock_flex_olmo_matches_transformers(flex_olmo_dir):
+    model = m2d_jax.from_pretrained(flex_olmo_dir)
+    c = model.config
+    assert c.family == "flex_olmo" and c.norm.placement == "post" and c.attention.qk_norm == "full"
+    assert c.moe.experts.num_experts == 5 and c.moe.router.top_k == 3 and c.rope.theta == 500000.0
+    ids, mask = padded_batch(c.vocab_size, batch=3, seq=17, seed=1)
+    want = reference_logits(flex_olmo_dir, ids, mask)
+    assert np.abs(want).max() > 0.5
+    assert _max_diff(model(ids, mask), want, mask) <= TOL
+
+
+@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared"])
+def test_prenorm_variants_match_composed_oracle(variant, name):
+    import torch
+
+    path, oracle = variant(name)
+    model = m2d_jax.from_pretrained(path)
+    c = model.config
+    assert c.norm.placement == "pre" and c.attention.qk_norm == "none" and c.rope.theta == 500000.0
+    if name == "prenorm":  # the router's last expert is the always-on shared expert (weight exactly 1)
+        assert c.ffn_kinds == ("dense", "moe", "moe") and c.ffn.intermediate_size == 40
+        assert (c.moe.experts.num_experts, c.moe.router.top_k, c.moe.experts.shared_size) == (5, 3, 16)
+        assert c.moe.experts.shared_scale == 1 and c.attention.bias and c.tie_word_embeddings
+    else:
+        assert (c.moe.experts.num_experts, c.moe.router.top_k, c.moe.experts.shared_size) == (5, 3, 20)
+        assert c.moe.experts.shared_scale == pytest.approx(1 / 4)
+        assert c.moe.router.routed_scaling_factor == pytest.approx(3 / 4)
+    ids, mask = padded_batch(c.vocab_size, batch=3, seq=17, seed=2)
+    with torch.no_grad():
+        want = oracle(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert np.abs(want).max() > 0.5
+    assert _max_diff(model(ids, mask), want, mask) <= TOL
