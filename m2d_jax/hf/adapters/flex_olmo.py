@@ -68,8 +68,10 @@ class FlexOlmoAdapter(DecoderAdapter):
 
     def config_to_hf(self, config: ModelConfig) -> dict:
         """config.json of ``FlexOlmoForCausalLM`` / ``Olmo2ForCausalLM`` (the inverse of ``config_from_hf``)."""
+        # pad_token_id: the class default (FlexOlmo's 100277) may lie outside a small vocabulary; export takes the
+        # real special token ids from the tokenizer source's config.json
         hf = dict(common_hf_fields(config), model_type=config.family,
-                  architectures=[self.architectures[config.family]])
+                  architectures=[self.architectures[config.family]], pad_token_id=None)
         if config.family == "flex_olmo":
             router, experts = config.moe.router, config.moe.experts
             hf.update(intermediate_size=experts.intermediate_size, num_experts=experts.num_experts,
