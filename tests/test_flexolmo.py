@@ -27,20 +27,20 @@ FLEX_OLMO = dict(model_type="flex_olmo", vocab_size=96, hidden_size=48, intermed
                  norm_topk_prob=False, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
                  eos_token_id=1, bos_token_id=None)
 
-# the fork's config.json fields (flex_olmo_noqknorm_prenorm): 6 router experts of which the last is shared, top-4
+# the fork's config.json fields (flex_olmo_noqknorm_prenorm): 8 router experts of which the last is shared, top-4
 # (3 routed + 1 shared), GQA 4/2, attention biases, a dense first layer (per-layer counts), tied embeddings
 PRENORM = dict(model_type="flex_olmo_noqknorm_prenorm", architectures=["FlexOlmoNoQKNormPrenormForCausalLM"],
                vocab_size=96, hidden_size=48, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, hidden_act="silu", max_position_embeddings=64, rms_norm_eps=1e-6,
-               rope_theta=500000.0, attention_bias=True, tie_word_embeddings=True, num_experts=6,
+               rope_theta=500000.0, attention_bias=True, tie_word_embeddings=True, num_experts=8,
                num_shared_experts=1, num_experts_per_tok=4, norm_topk_prob=False,
-               num_experts_per_layer=[0, 6, 6], num_shared_experts_per_layer=[0, 1, 1], dense_intermediate_size=40)
-# flex_olmo_noqknorm_prenorm_shared: 5 routed experts, top-3 renormalised, a shared_mlp of width 20, untied
+               num_experts_per_layer=[0, 8, 8], num_shared_experts_per_layer=[0, 1, 1], dense_intermediate_size=40)
+# flex_olmo_noqknorm_prenorm_shared: 7 routed experts, top-3 renormalised, a shared_mlp of width 20, untied
 PRENORM_SHARED = dict(model_type="flex_olmo_noqknorm_prenorm_shared",
                       architectures=["FlexOlmoNoQKNormPrenormSharedForCausalLM"], vocab_size=96, hidden_size=48,
                       intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       hidden_act="silu", max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=500000.0,
-                      attention_bias=False, tie_word_embeddings=False, num_experts=5, num_experts_per_tok=3,
+                      attention_bias=False, tie_word_embeddings=False, num_experts=7, num_experts_per_tok=3,
                       norm_topk_prob=True, shared_expert_intermediate_size=20)
 
 
@@ -192,10 +192,10 @@ def test_prenorm_variants_match_composed_oracle(variant, name):
     assert c.norm.placement == "pre" and c.attention.qk_norm == "none" and c.rope.theta == 500000.0
     if name == "prenorm":  # the router's last expert is the always-on shared expert (weight exactly 1)
         assert c.ffn_kinds == ("dense", "moe", "moe") and c.ffn.intermediate_size == 40
-        assert (c.moe.experts.num_experts, c.moe.router.top_k, c.moe.experts.shared_size) == (5, 3, 16)
+        assert (c.moe.experts.num_experts, c.moe.router.top_k, c.moe.experts.shared_size) == (7, 3, 16)
         assert c.moe.experts.shared_scale == 1 and c.attention.bias and c.tie_word_embeddings
     else:
-        assert (c.moe.experts.num_experts, c.moe.router.top_k, c.moe.experts.shared_size) == (5, 3, 20)
+        assert (c.moe.experts.num_experts, c.moe.router.top_k, c.moe.experts.shared_size) == (7, 3, 20)
         assert c.moe.experts.shared_scale == pytest.approx(1 / 4)
         assert c.moe.router.routed_scaling_factor == pytest.approx(3 / 4)
     ids, mask = padded_batch(c.vocab_size, batch=3, seq=17, seed=2)
@@ -203,3 +203,137 @@ def test_prenorm_variants_match_composed_oracle(variant, name):
         want = oracle(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     assert np.abs(want).max() > 0.5
     assert _max_diff(model(ids, mask), want, mask) <= TOL
+
+
+@pytest.mark.parametrize("name", ["stock", "prenorm", "prenorm_shared"])
+def test_kv_cache_greedy_equals_full_recompute(flex_olmo_dir, variant, name):
+    from m2d_jax.eval import generate_tokens
+    from test_eval_generate import prompts_for, recompute_greedy
+
+    model = m2d_jax.from_pretrained(flex_olmo_dir if name == "stock" else variant(name)[0])
+    prompts = prompts_for(model.config)
+    assert generate_tokens(model, prompts, 8) == [recompute_greedy(model, p, 8) for p in prompts]
+
+
+# ---- conversion ------------------------------------------------------------------------------------------------
+def _zero_routers(model):
+    for stack, (kind, _, _) in zip(model.stacks, model.config.stacks):
+        if kind == "moe":
+            stack.moe.router.set_value(np.zeros(stack.moe.router.get_value().shape, np.float32))
+    return model
+
+
+def _calibrated(teacher, seed=0):
+    from m2d_jax.calibration import calibrate
+
+    windows = np.random.default_rng(seed).integers(0, teacher.config.vocab_size, size=(4, 16))
+    return calibrate(teacher, windows, gram_tokens=32, batch_size=4, gram_chunk=16)
+
+
+# every expert selected (K = E = k): stock E = 4 top-4; prenorm 5 router experts = 4 routed + the shared one, top-5;
+# prenorm_shared 4 routed top-4 renormalised (each routed weight 1/4 * 4/5 = 1/5, the shared_mlp 1/5)
+IDENTITY = {
+    "stock": dict(FLEX_OLMO, num_experts=4, num_experts_per_tok=4),
+    "prenorm": dict(PRENORM, num_experts=5, num_experts_per_tok=5, num_experts_per_layer=[0, 5, 5]),
+    "prenorm_shared": dict(PRENORM_SHARED, num_experts=4, num_experts_per_tok=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IDENTITY))
+def test_exactness_identity_through_hf_export(tmp_path, name):
+    """Constant routing (zero router weights, K = E = k): calibrate -> select -> convert -> export; transformers'
+    own dense class (OLMo2 / Llama, no custom code) on the exported student equals the teacher's oracle with the
+    same zero routers. It holds only with the shared block at weight 1 (prenorm) or 1/(k+1) (prenorm_shared) and
+    the routed groups at their DP scales (x k/(k+1) for prenorm_shared): dropping rho moves the logits."""
+    import torch
+
+    from m2d_jax.convert import ConversionRecipe, convert
+    from m2d_jax.convert.plan import plan_conversion
+    from m2d_jax.convert.student import build_dense_student
+    from m2d_jax.hf.export import export_model
+    from m2d_jax.scoring import select_experts
+
+    if name == "stock":
+        path = make_hf_checkpoint(IDENTITY[name], tmp_path / "teacher", seed=5, init_std=0.1)
+        oracle = load_reference(path)
+        gates = [layer.mlp.gate.weight for layer in oracle.model.layers]
+    else:
+        path = tmp_path / "teacher"
+        oracle = make_variant_checkpoint(IDENTITY[name], path, seed=5)
+        gates = [layer.mlp.gate.weight for layer in oracle.model.layers if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        for gate in gates:
+            gate.zero_()
+    teacher = _zero_routers(m2d_jax.from_pretrained(path, moe_dispatch="dense"))
+    k = teacher.config.moe.router.top_k
+    stats = _calibrated(teacher)
+    selection = select_experts(stats, "selection_freq", teacher.config.moe.experts.num_experts)
+    student = convert(teacher, stats, selection, ConversionRecipe(groups=k))
+    dense_class = {"stock": "Olmo2ForCausalLM"}.get(name, "LlamaForCausalLM")
+    out = export_model(student, tmp_path / "student", progress=False)
+    reference = load_reference(out)
+    assert type(reference).__name__ == dense_class
+    ids, mask = padded_batch(teacher.config.vocab_size, 3, 14, 6)
+    with torch.no_grad():
+        want = oracle(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert np.abs(want).max() > 0.3
+    assert _max_diff(reference_logits(reference, ids, mask), want, mask) <= TOL
+    assert _max_diff(student(ids, mask), want, mask) <= TOL
+    rho = teacher.config.moe.router.routed_scaling_factor
+    if rho != 1:  # the negative control: the routed groups without k/(k+1)
+        plans = plan_conversion(teacher, selection.selected, selection.weight_scores, k, "round_robin", "uniform")
+        wrong = build_dense_student(teacher, {i: p._replace(scales=p.scales / rho) for i, p in plans.items()}, k)
+        assert _max_diff(wrong(ids, mask), want, mask) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared"])
+def test_moe_to_dense_for_K_k_and_2k(variant, name):
+    """E = 7 routed, k = 3: K = k (pure pruning) and K = 2k (merging) for every scoring. The student FFN is the
+    NumPy merge of the selected experts (alpha, DP scales) followed by the shared block (its down projection times
+    1 or 1/(k+1)); the shared expert is never a candidate (ids < 7); teacher dense layers are zero-padded."""
+    from flax import nnx
+
+    from m2d_jax.convert import ConversionRecipe, convert
+    from m2d_jax.convert.pipeline import conversion_plans
+    from m2d_jax.scoring import SCORINGS, select_experts
+
+    teacher = m2d_jax.from_pretrained(variant(name)[0])
+    c = teacher.config
+    e, k, m, m_s = c.moe.experts.num_experts, c.moe.router.top_k, c.moe.experts.intermediate_size, \
+        c.moe.experts.shared_size
+    stats = _calibrated(teacher, seed=1)
+    t = {tuple(p): np.asarray(v.get_value(), np.float64) for p, v in nnx.state(teacher, nnx.Param).flat_state()}
+    moe_stack = [i for i, (kind, _, _) in enumerate(c.stacks) if kind == "moe"][0]
+    first_moe = c.stacks[moe_stack][1]
+    for scoring in SCORINGS:
+        for num_selected, grouping in ((k, "round_robin"), (2 * k, "output_cluster")):
+            selection = select_experts(stats, scoring, num_selected)
+            assert selection.selected.shape == (len(c.moe_layers), num_selected) and selection.selected.max() < e
+            recipe = ConversionRecipe(groups=k, grouping=grouping)
+            plans = conversion_plans(teacher, stats, selection, recipe)
+            student = convert(teacher, stats, selection, recipe)
+            sc = student.config
+            assert sc.family == "llama" and set(sc.ffn_kinds) == {"dense"} and sc.ffn.intermediate_size == k * m + m_s
+            s = {tuple(p): np.asarray(v.get_value(), np.float64)
+                 for p, v in nnx.state(student, nnx.Param).flat_state()}
+            for layer in c.moe_layers:
+                local = layer - first_moe
+                plan = plans[layer]
+                assert sorted(x for g in plan.groups for x in g) == sorted(selection.selected[c.moe_layers.index(
+                    layer)].tolist())
+                expert = {p: t[("stacks", moe_stack, "moe", f"{p}_proj")][local] for p in ("gate", "up", "down")}
+                gate = np.concatenate([np.einsum("e,edm->dm", a, expert["gate"]) for a in plan.alpha]
+                                      + [t[("stacks", moe_stack, "moe", "shared", "gate_proj", "kernel")][local]], 1)
+                down = np.concatenate([sg * np.einsum("e,emd->md", a, expert["down"])
+                                       for a, sg in zip(plan.alpha, plan.scales)]
+                                      + [c.moe.experts.shared_scale
+                                         * t[("stacks", moe_stack, "moe", "shared", "down_proj", "kernel")][local]], 0)
+                got = {p: s[("stacks", 0, "mlp", f"{p}_proj", "kernel")][layer] for p in ("gate", "down")}
+                np.testing.assert_allclose(got["gate"], gate, rtol=1e-6, atol=1e-7, err_msg=f"{scoring} {layer}")
+                np.testing.assert_allclose(got["down"], down, rtol=1e-6, atol=1e-7, err_msg=f"{scoring} {layer}")
+                if num_selected == k:  # pure pruning: each group one expert, copied
+                    assert sorted(np.count_nonzero(plan.alpha, axis=1).tolist()) == [1] * k
+            if name == "prenorm":  # the dense layer 0 (width 40) zero-padded to k*m + m_s = 64
+                up = s[("stacks", 0, "mlp", "up_proj", "kernel")][0]
+                np.testing.assert_array_equal(up[:, :40], t[("stacks", 0, "mlp", "up_proj", "kernel")][0])
+                np.testing.assert_array_equal(up[:, 40:], 0)
