@@ -288,9 +288,10 @@ def test_exactness_identity_through_hf_export(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["prenorm", "prenorm_shared"])
 def test_moe_to_dense_for_K_k_and_2k(variant, name):
-    """E = 7 routed, k = 3: K = k (pure pruning) and K = 2k (merging) for every scoring. The student FFN is the
-    NumPy merge of the selected experts (alpha, DP scales) followed by the shared block (its down projection times
-    1 or 1/(k+1)); the shared expert is never a candidate (ids < 7); teacher dense layers are zero-padded."""
+    """E = 7 routed, k = 3: every scoring selects among the routed experts only (the shared expert is never a
+    candidate); K = k (pure pruning) and K = 2k (merging) convert to a Llama student whose FFN is the NumPy merge
+    of the selected experts (alpha, DP scales) followed by the shared block (its down projection times 1 or
+    1/(k+1)); teacher dense layers are zero-padded."""
     from flax import nnx
 
     from m2d_jax.convert import ConversionRecipe, convert
@@ -305,35 +306,120 @@ def test_moe_to_dense_for_K_k_and_2k(variant, name):
     t = {tuple(p): np.asarray(v.get_value(), np.float64) for p, v in nnx.state(teacher, nnx.Param).flat_state()}
     moe_stack = [i for i, (kind, _, _) in enumerate(c.stacks) if kind == "moe"][0]
     first_moe = c.stacks[moe_stack][1]
-    for scoring in SCORINGS:
-        for num_selected, grouping in ((k, "round_robin"), (2 * k, "output_cluster")):
-            selection = select_experts(stats, scoring, num_selected)
-            assert selection.selected.shape == (len(c.moe_layers), num_selected) and selection.selected.max() < e
-            recipe = ConversionRecipe(groups=k, grouping=grouping)
-            plans = conversion_plans(teacher, stats, selection, recipe)
-            student = convert(teacher, stats, selection, recipe)
-            sc = student.config
-            assert sc.family == "llama" and set(sc.ffn_kinds) == {"dense"} and sc.ffn.intermediate_size == k * m + m_s
-            s = {tuple(p): np.asarray(v.get_value(), np.float64)
-                 for p, v in nnx.state(student, nnx.Param).flat_state()}
-            for layer in c.moe_layers:
-                local = layer - first_moe
-                plan = plans[layer]
-                assert sorted(x for g in plan.groups for x in g) == sorted(selection.selected[c.moe_layers.index(
-                    layer)].tolist())
-                expert = {p: t[("stacks", moe_stack, "moe", f"{p}_proj")][local] for p in ("gate", "up", "down")}
-                gate = np.concatenate([np.einsum("e,edm->dm", a, expert["gate"]) for a in plan.alpha]
-                                      + [t[("stacks", moe_stack, "moe", "shared", "gate_proj", "kernel")][local]], 1)
-                down = np.concatenate([sg * np.einsum("e,emd->md", a, expert["down"])
-                                       for a, sg in zip(plan.alpha, plan.scales)]
-                                      + [c.moe.experts.shared_scale
-                                         * t[("stacks", moe_stack, "moe", "shared", "down_proj", "kernel")][local]], 0)
-                got = {p: s[("stacks", 0, "mlp", f"{p}_proj", "kernel")][layer] for p in ("gate", "down")}
-                np.testing.assert_allclose(got["gate"], gate, rtol=1e-6, atol=1e-7, err_msg=f"{scoring} {layer}")
-                np.testing.assert_allclose(got["down"], down, rtol=1e-6, atol=1e-7, err_msg=f"{scoring} {layer}")
-                if num_selected == k:  # pure pruning: each group one expert, copied
-                    assert sorted(np.count_nonzero(plan.alpha, axis=1).tolist()) == [1] * k
-            if name == "prenorm":  # the dense layer 0 (width 40) zero-padded to k*m + m_s = 64
-                up = s[("stacks", 0, "mlp", "up_proj", "kernel")][0]
-                np.testing.assert_array_equal(up[:, :40], t[("stacks", 0, "mlp", "up_proj", "kernel")][0])
-                np.testing.assert_array_equal(up[:, 40:], 0)
+    for scoring in SCORINGS:  # the shared expert is never a candidate: 7 routed ids
+        selection = select_experts(stats, scoring, 2 * k)
+        assert selection.selected.shape == (len(c.moe_layers), 2 * k) and selection.selected.max() < e
+    for scoring, num_selected, grouping in (("reap", k, "round_robin"), ("gram_logdet", 2 * k, "output_cluster")):
+        selection = select_experts(stats, scoring, num_selected)
+        recipe = ConversionRecipe(groups=k, grouping=grouping)
+        plans = conversion_plans(teacher, stats, selection, recipe)
+        student = convert(teacher, stats, selection, recipe)
+        sc = student.config
+        assert sc.family == "llama" and set(sc.ffn_kinds) == {"dense"} and sc.ffn.intermediate_size == k * m + m_s
+        s = {tuple(p): np.asarray(v.get_value(), np.float64)
+             for p, v in nnx.state(student, nnx.Param).flat_state()}
+        for layer in c.moe_layers:
+            local = layer - first_moe
+            plan = plans[layer]
+            assert sorted(x for g in plan.groups for x in g) == sorted(selection.selected[c.moe_layers.index(
+                layer)].tolist())
+            expert = {p: t[("stacks", moe_stack, "moe", f"{p}_proj")][local] for p in ("gate", "up", "down")}
+            gate = np.concatenate([np.einsum("e,edm->dm", a, expert["gate"]) for a in plan.alpha]
+                                  + [t[("stacks", moe_stack, "moe", "shared", "gate_proj", "kernel")][local]], 1)
+            down = np.concatenate([sg * np.einsum("e,emd->md", a, expert["down"])
+                                   for a, sg in zip(plan.alpha, plan.scales)]
+                                  + [c.moe.experts.shared_scale
+                                     * t[("stacks", moe_stack, "moe", "shared", "down_proj", "kernel")][local]], 0)
+            got = {p: s[("stacks", 0, "mlp", f"{p}_proj", "kernel")][layer] for p in ("gate", "down")}
+            np.testing.assert_allclose(got["gate"], gate, rtol=1e-6, atol=1e-7, err_msg=f"{scoring} {layer}")
+            np.testing.assert_allclose(got["down"], down, rtol=1e-6, atol=1e-7, err_msg=f"{scoring} {layer}")
+            if num_selected == k:  # pure pruning: each group one expert, copied
+                assert sorted(np.count_nonzero(plan.alpha, axis=1).tolist()) == [1] * k
+        if name == "prenorm":  # the dense layer 0 (width 40) zero-padded to k*m + m_s = 64
+            up = s[("stacks", 0, "mlp", "up_proj", "kernel")][0]
+            np.testing.assert_array_equal(up[:, :40], t[("stacks", 0, "mlp", "up_proj", "kernel")][0])
+            np.testing.assert_array_equal(up[:, 40:], 0)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(num_shared_experts=2, num_shared_experts_per_layer=[0, 2, 2]), "only 0 or 1 is supported"),
+    (dict(norm_topk_prob=True), "'norm_topk_prob': true is unsupported with num_shared_experts > 0"),
+    (dict(num_experts_per_layer=[0, 8, 6]), "every MoE layer must have the same counts"),
+    (dict(num_shared_experts_per_layer=[0, 1]), "'num_shared_experts_per_layer': 2 entries for num_hidden_layers=3"),
+    (dict(num_experts_per_tok=1), "'num_experts_per_tok': 1 must exceed num_shared_experts=1"),
+    (dict(hidden_act="gelu"), "unsupported activation 'gelu'"),
+])
+def test_unsupported_variant_options_are_clear_errors(tmp_path, changes, match):
+    from m2d_jax.hf import hf_model_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**PRENORM, **changes}))
+    with pytest.raises(CheckpointError, match=match) as err:
+        hf_model_config(tmp_path)
+    assert str(tmp_path / "config.json") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_emo_1b14b_config_and_student_parameter_count(tmp_path, capsys):
+    """configs/models/emo_1b14b.py read as a user's config.json (``m2d info``, no weights): 127 routed + 1 shared
+    expert, 7 + 1 per token; its Llama student of FFN width 7 * 1024 + 1024 has exactly 1,279,854,592 parameters:
+    2 * 50304 * 2048 embeddings + 16 * (4 * 2048^2 attention + 3 * 2048 * 8192 FFN + 2 * 2048 norms) + 2048."""
+    from m2d_jax.cli import main
+    from m2d_jax.config_utils import load_config
+    from m2d_jax.convert.student import student_rule
+    from m2d_jax.hf import hf_model_config
+    from m2d_jax.info import summarize
+
+    (tmp_path / "config.json").write_text(json.dumps(load_config("models/emo_1b14b").to_dict()))
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["experts"], info["top_k"], info["shared_expert_width"], info["moe_layers"]) == (
+        "flex_olmo_noqknorm_prenorm", 127, 7, 1024, 16)
+    # 128 experts of 3 * 2048 * 1024 and a 127-column router per layer (the shared expert's row is unused)
+    assert info["total_params"] == 2 * 50304 * 2048 + 16 * (4 * 2048 ** 2 + 128 * 3 * 2048 * 1024 + 2048 * 127
+                                                            + 2 * 2048) + 2048
+    teacher = hf_model_config(tmp_path)
+    rule = student_rule(teacher.family)
+    width = rule.student_width(teacher, teacher.moe.router.top_k)
+    student = rule.student_config(teacher, width)
+    assert width == 8192 and student.family == "llama"
+    assert summarize(student)["total_params"] == 1_279_854_592
+    assert 2 * 50304 * 2048 + 16 * (4 * 2048 ** 2 + 3 * 2048 * 8192 + 2 * 2048) + 2048 == 1_279_854_592
+
+
+@pytest.mark.slow
+def test_distillation_step_and_perplexity(tmp_path):
+    """The family end to end on real text: a prenorm_shared teacher (the fork's files, the BPE tokenizer of the
+    corpus) -> calibrate -> select -> convert -> Llama export; two distillation steps from the teacher into it, and
+    perplexity of both equal to exp(mean NLL) of their own logits."""
+    import math
+    import shutil
+
+    from conftest import corpus_documents
+    from distill_helpers import VOCAB, build_models, tiny_config
+    from test_eval_ppl import reference_nll
+
+    from m2d_jax.convert import ConversionRecipe, convert
+    from m2d_jax.data import load_tokenizer
+    from m2d_jax.distill import train
+    from m2d_jax.eval import perplexity
+    from m2d_jax.hf.export import export_model
+    from m2d_jax.scoring import select_experts
+
+    models = build_models(tmp_path / "base")
+    teacher_dir = tmp_path / "teacher"
+    make_variant_checkpoint(dict(PRENORM_SHARED, vocab_size=VOCAB), teacher_dir, seed=3, std=0.2)
+    for f in models["tokenizer"].iterdir():
+        shutil.copy(f, teacher_dir / f.name)
+    teacher = m2d_jax.from_pretrained(teacher_dir)
+    tokens = np.asarray(load_tokenizer(teacher_dir).encode_batch([" ".join(corpus_documents(4))])[0], np.int64)
+    stats = _calibrated(teacher)
+    student = convert(teacher, stats, select_experts(stats, "gld_reap", 5), ConversionRecipe(groups=3))
+    student_dir = export_model(student, tmp_path / "student", tokenizer_from=teacher_dir, progress=False)
+    config = tiny_config({**models, "teacher": teacher_dir, "student": student_dir}, tmp_path / "run", steps=2,
+                         **{"schedule.warmup_steps": 1, "schedule.decay_steps": 1})
+    result = train.run(config)
+    assert result["step"] == 2 and math.isfinite(result["metrics"]["loss"]) and result["metrics"]["loss"] > 0
+    for model in (teacher, m2d_jax.from_pretrained(student_dir)):
+        got = perplexity(model, tokens[:100], seq_len=32, stride=16, batch_size=2)
+        nll, count, _ = reference_nll(model, tokens[:100], 32, 16)
+        assert got.tokens == count
+        assert got.ppl == pytest.approx(math.exp(nll / count), rel=1e-4)
