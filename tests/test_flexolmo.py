@@ -423,3 +423,32 @@ def test_distillation_step_and_perplexity(tmp_path):
         nll, count, _ = reference_nll(model, tokens[:100], 32, 16)
         assert got.tokens == count
         assert got.ppl == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared"])
+def test_variant_teacher_export_round_trip(variant, tmp_path, name):
+    """A variant teacher exports back to the fork's config.json fields and key names (the shared expert as the
+    router's last expert, its router row zero) and re-imports to the same architecture, parameters and logits."""
+    from safetensors.numpy import load_file
+
+    from m2d_jax.hf.export import export_model
+
+    path, _ = variant(name)
+    teacher = m2d_jax.from_pretrained(path)
+    out = export_model(teacher, tmp_path / "teacher", progress=False)
+    written = json.loads((out / "config.json").read_text())
+    fork = PRENORM if name == "prenorm" else PRENORM_SHARED
+    assert {f: written[f] for f in fork if f != "rope_theta"} == {f: v for f, v in fork.items() if f != "rope_theta"}
+    assert written["rope_parameters"] == {"rope_type": "default", "rope_theta": fork["rope_theta"]}
+    original, exported = load_file(str(path / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert original.keys() == exported.keys()
+    for key, value in original.items():
+        if name == "prenorm" and key.endswith("mlp.gate.weight"):  # the shared expert's logit row is unused
+            np.testing.assert_array_equal(exported[key][:-1], value[:-1])
+            np.testing.assert_array_equal(exported[key][-1], 0)
+        else:
+            np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    again = m2d_jax.from_pretrained(out)
+    assert again.config == teacher.config
+    ids, mask = padded_batch(teacher.config.vocab_size, 2, 9, 3)
+    np.testing.assert_array_equal(np.asarray(again(ids, mask)), np.asarray(teacher(ids, mask)))

@@ -24,6 +24,8 @@ The pre-norm variants: ``pre_attention_layernorm`` -> attention -> residual, ``p
 
 from __future__ import annotations
 
+import dataclasses
+
 from m2d_jax.hf.adapters.common import (ConfigReader, DecoderAdapter, common_hf_fields, expert_rules,
                                         llama_attention_rules, swiglu_mlp_rules)
 from m2d_jax.hf.keymap import Linear, Rule, RouterUnusedRows, rule
@@ -80,7 +82,7 @@ class FlexOlmoAdapter(DecoderAdapter):
 
     def layer_rules(self, config: ModelConfig, kind: str, expert_layout: str = "per_expert") -> list[Rule]:
         pre = "model.layers.{layer}."
-        rules = [r for r in llama_attention_rules(config) if not r.hf.endswith("input_layernorm.weight")]
+        rules = [r for r in llama_attention_rules(config) if ".input_layernorm." not in r.hf]  # no pre-norms
         rules.append(rule(pre + "post_feedforward_layernorm.weight", "post_ffn_norm/scale"))
         if kind == "dense":
             return rules + swiglu_mlp_rules(pre + "mlp.", "mlp")
@@ -177,8 +179,9 @@ class FlexOlmoPrenormAdapter(DecoderAdapter):
         pre = "model.layers.{layer}."
         rules = llama_attention_rules(config)
         if config.family != "llama":  # the fork's norm names
-            rules[:2] = [rule(pre + "pre_attention_layernorm.weight", "input_norm/scale"),
-                         rule(pre + "pre_feedforward_layernorm.weight", "post_attn_norm/scale")]
+            rules = [dataclasses.replace(r, hf=r.hf.replace(".input_layernorm.", ".pre_attention_layernorm.")
+                                         .replace(".post_attention_layernorm.", ".pre_feedforward_layernorm."))
+                     for r in rules]
         mlp = pre + "mlp."
         if kind == "dense":
             return rules + swiglu_mlp_rules(mlp, "mlp", config.ffn.bias)
