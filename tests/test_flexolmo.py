@@ -4,8 +4,8 @@ padded batches); KV-cache decoding; conversion exactness through the HF export t
 
 The variants' oracle: a ``LlamaForCausalLM`` (pre-norm layers, no q/k norm, rotate-half RoPE) whose decoder layers'
 ``mlp`` is replaced by a sparse-MoE block built here from transformers' ``LlamaMLP`` experts, a ``torch.nn.Linear``
-router and the variant's routing as the issue states it (split softmaxes over routed / shared logits; or a separate
-shared MLP mixed as shared/(k+1) + routed * k/(k+1)). It is saved with the fork's config.json fields and key names,
+router and the variant's routing as docs/METHOD.md §1 states it (split softmaxes over routed / shared logits; or a
+separate shared MLP mixed as shared/(k+1) + routed * k/(k+1)). It is saved with the fork's config.json fields and key names,
 so the adapter reads it as it reads a user's checkpoint.
 """
 
@@ -56,8 +56,9 @@ def _variant_moe_class():
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     class VariantMoE(torch.nn.Module):
-        """Routing as the issue states it, on transformers' LlamaMLP experts. ``shared`` (prenorm): the last s router
-        experts, own softmax; ``shared_width`` (prenorm_shared): a separate MLP, y = shared/(k+1) + routed*k/(k+1)."""
+        """Routing as docs/METHOD.md §1 states it, on transformers' LlamaMLP experts. ``shared`` (prenorm): the last s
+        router experts, own softmax; ``shared_width`` (prenorm_shared): a separate MLP, y = shared/(k+1) +
+        routed*k/(k+1)."""
 
         def __init__(self, llama_config, num_experts, top_k, norm_topk_prob, shared=0, shared_width=0):
             super().__init__()
