@@ -206,7 +206,8 @@ def test_prenorm_variants_match_composed_oracle(variant, name):
     assert _max_diff(model(ids, mask), want, mask) <= TOL
 
 
-@pytest.mark.parametrize("name", ["stock", "prenorm", "prenorm_shared"])
+@pytest.mark.parametrize("name", ["prenorm", pytest.param("stock", marks=pytest.mark.slow),
+                                  pytest.param("prenorm_shared", marks=pytest.mark.slow)])
 def test_kv_cache_greedy_equals_full_recompute(flex_olmo_dir, variant, name):
     from m2d_jax.eval import generate_tokens
     from test_eval_generate import prompts_for, recompute_greedy
@@ -426,7 +427,7 @@ def test_distillation_step_and_perplexity(tmp_path):
         assert got.ppl == pytest.approx(math.exp(nll / count), rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared"])
+@pytest.mark.parametrize("name", ["prenorm", pytest.param("prenorm_shared", marks=pytest.mark.slow)])
 def test_variant_teacher_export_round_trip(variant, tmp_path, name):
     """A variant teacher exports back to the fork's config.json fields and key names (the shared expert as the
     router's last expert, its router row zero) and re-imports to the same architecture, parameters and logits."""
