@@ -50,6 +50,22 @@ class MeshSpec:
         sizes = {**self.axes, **{k: v for k, v in overrides.items() if v is not None}}
         return mesh_shape(sizes, self.chips)
 
+    def configure_distill(self, config) -> None:
+        """Set a distillation config's mesh axes and MFU peak from this mesh (``m2d distill --mesh``)."""
+        config.mesh.update({k: int(v) for k, v in self.axes.items()})
+        if not config.logging.peak_flops_per_device:
+            config.logging.peak_flops_per_device = float(self.peak_bf16_flops_per_chip)
+
+    def running_mesh_sizes(self, devices=None) -> dict[str, int]:
+        """The axis sizes for a running stage (``m2d calibrate / eval --mesh``): the config must describe the
+        devices this job sees."""
+        import jax
+
+        count = len(jax.devices() if devices is None else devices)
+        if count != self.chips:
+            raise MeshError(f"--mesh {self.name}: the config has {self.chips} chips, this job sees {count} devices")
+        return self.axis_sizes()
+
     def topology_devices(self) -> list:
         """Compile-only devices of the TPU topology (``jax.experimental.topologies``; needs libtpu, no TPU)."""
         if self.platform != "tpu":
