@@ -5,10 +5,13 @@ ahead of time for the topology's compile-only devices (libtpu); memory per chip 
 ``memory_analysis``. For a GPU mesh (no compile target without the CUDA plugin and devices) parameters and optimizer
 state per device are exact from the shardings and temporaries are an analytic estimate, labelled as such.
 
-Time is an ESTIMATE: a roofline max(compute, HBM traffic, collective traffic) with perfect overlap, from the analytic
-model FLOPs (``distill.metrics``), the bytes each device streams (gathered weights per micro-batch, optimizer pass)
-and the FSDP all-gather / reduce-scatter bytes, against the mesh config's peaks. XLA's ``cost_analysis`` counts each
-``scan`` body once (layers, micro-batches, loss chunks), so its FLOPs are reported beside, not used.
+Time is an ESTIMATE: a roofline max(compute, HBM traffic, collective traffic) with perfect overlap against the mesh
+config's peaks. On TPU its inputs are the compiled program's own per-device matmul FLOPs, HBM and collective bytes,
+summed over the optimised HLO with every loop's trip count (``hlo.program_costs``; XLA's ``cost_analysis`` counts each
+``scan`` body once — layers, micro-batches, loss chunks — and is reported beside, not used). On GPU they are
+analytic: the model FLOPs (``distill.metrics``, + one student forward for remat), the gathered weights each device
+streams per micro-batch plus the optimizer pass, and the FSDP all-gather / reduce-scatter bytes. MFU = analytic model
+FLOPs / (step time x chips x peak).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from m2d_jax.distill.metrics import forward_flops_per_token, train_flops_per_tok
 from m2d_jax.errors import M2DError, MeshError
 from m2d_jax.mesh import MeshSpec, load_mesh_config, mesh_names
 from m2d_jax.models import ModelConfig, load_runtime
+from m2d_jax.plan.hlo import program_costs
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,9 @@ class PlanOptions:
 
 
 # ---- the models and runtimes of a stage ---------------------------------------------------------------------------
-def _distill_config(options: PlanOptions, teacher: ModelConfig):
+def _distill_config(options: PlanOptions, teacher: ModelConfig, batch_shards: int):
+    """The distillation config with the plan's changes. Without ``micro_batches`` the config's count is kept if the
+    mesh can split it, else the largest smaller count that it can (each micro-batch divisible by data x fsdp)."""
     from m2d_jax.config_utils import load_config
 
     c = load_config(options.distill_config)
@@ -66,6 +72,10 @@ def _distill_config(options: PlanOptions, teacher: ModelConfig):
             c[group][key] = value
     if options.micro_batches is not None:
         c.micro_batches = options.micro_batches
+    else:
+        b = c.data.batch_size
+        c.micro_batches = next((n for n in range(c.micro_batches, 0, -1)
+                                if b % n == 0 and (b // n) % batch_shards == 0), c.micro_batches)
     if teacher.moe is not None and c.teacher.top_k > teacher.moe.experts.num_experts:
         raise M2DError(f"{options.distill_config}: teacher.top_k={c.teacher.top_k} exceeds the teacher's "
                        f"{teacher.moe.experts.num_experts} experts; pass --teacher-top-k")
@@ -123,7 +133,7 @@ def _build(model: str, stage: str, spec: MeshSpec, options: PlanOptions, mesh):
 
     teacher, student = _models(model, stage, options)
     if stage == "distill":
-        c = _distill_config(options, teacher)
+        c = _distill_config(options, teacher, mesh.shape["data"] * mesh.shape["fsdp"])
         program = programs.distill_program(c, teacher, student, mesh)
         tokens = c.data.batch_size * c.data.seq_len
         seq, n = c.data.seq_len, c.micro_batches
@@ -176,14 +186,18 @@ def _memory_from_compile(program, spec: MeshSpec) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    program = program_costs(compiled.as_text())
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     return {"source": "compiler (TPU AOT)", "compile_seconds": round(seconds, 1),
             "arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
             "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
             "code": int(mem.generated_code_size_in_bytes), "peak": int(peak),
-            "compiled_flops_per_chip_loops_once": float(cost.get("flops", 0.0)),
-            "compiled_bytes_accessed_per_chip_loops_once": float(cost.get("bytes accessed", 0.0))}
+            "xla_cost_analysis_flops_loops_once": float(cost.get("flops", 0.0)),
+            "program": {"matmul_flops": program["matmul_flops"], "hbm_bytes": program["hbm_bytes"],
+                        "collective_bytes": program["collective_bytes"],
+                        "loop_trip_counts": sorted(loop["trip_count"] or 1 for loop in program["loops"]),
+                        "unknown_trip_loops": len(program["unknown_trip_loops"])}}
 
 
 def _memory_analytic(program, analytic: dict, model: ModelConfig, stage: str) -> dict:
@@ -224,8 +238,15 @@ def plan_once(model: str, stage: str, mesh: str | MeshSpec, options: PlanOptions
               else _memory_analytic(program, analytic, student or teacher, stage))
     hbm = spec.hbm_bytes_per_chip
     free = hbm - memory["peak"]
-    roof = _roofline(spec, analytic["hardware_flops_per_step"], analytic["hbm_bytes_per_chip"],
-                     analytic["collective_bytes_per_chip"])
+    compiled = memory.pop("program", None)
+    if compiled is not None:  # the compiled program's own matmul FLOPs and traffic, with loop trip counts
+        roof = _roofline(spec, compiled["matmul_flops"] * spec.chips, compiled["hbm_bytes"],
+                         compiled["collective_bytes"]["total"])
+        source = "compiled program (HLO, loop trip counts)"
+    else:
+        roof = _roofline(spec, analytic["hardware_flops_per_step"], analytic["hbm_bytes_per_chip"],
+                         analytic["collective_bytes_per_chip"])
+        source = "analytic"
     mfu = analytic["model_flops_per_step"] / (roof["step_s"] * spec.chips * spec.peak_bf16_flops_per_chip)
     return {
         "model": str(model), "stage": stage, "mesh": spec.name, "topology": spec.topology, "platform": spec.platform,
@@ -234,12 +255,15 @@ def plan_once(model: str, stage: str, mesh: str | MeshSpec, options: PlanOptions
                      "free_fraction": free / hbm},
         "fits": free >= 0, "fits_with_margin": free >= FREE_MARGIN * hbm,
         "flops": {"model_per_step": analytic["model_flops_per_step"],
-                  "hardware_per_step": analytic["hardware_flops_per_step"],
-                  "compiled_per_step_loops_once": memory.get("compiled_flops_per_chip_loops_once", 0.0) * spec.chips},
-        "estimate": {"label": "ESTIMATE (roofline, perfect overlap)", **roof, "mfu": mfu,
-                     "tokens_per_s": analytic["tokens_per_step"] / roof["step_s"],
-                     "hbm_bytes_per_chip": analytic["hbm_bytes_per_chip"],
+                  "analytic_hardware_per_step": analytic["hardware_flops_per_step"],
+                  "compiled_matmul_per_step": None if compiled is None else compiled["matmul_flops"] * spec.chips,
+                  "xla_cost_analysis_per_step_loops_once":
+                      memory.pop("xla_cost_analysis_flops_loops_once", 0.0) * spec.chips},
+        "compiled": compiled,
+        "analytic": {"hbm_bytes_per_chip": analytic["hbm_bytes_per_chip"],
                      "collective_bytes_per_chip": analytic["collective_bytes_per_chip"]},
+        "estimate": {"label": f"ESTIMATE (roofline from the {source}, perfect overlap)", **roof, "mfu": mfu,
+                     "tokens_per_s": analytic["tokens_per_step"] / roof["step_s"]},
         "config": {k: v for k, v in analytic.items() if not k.endswith(("flops_per_step", "_per_chip"))},
         "student_params": None if student is None else _count(student),
         "teacher_params": _count(teacher),
@@ -323,8 +347,10 @@ def format_plan(result: dict) -> str:
     lines.append(f"  {'free':<22}{_gib(p['free'])} ({100 * p['free_fraction']:.1f}%)  ->  "
                  f"{'FITS' if result['fits'] else 'DOES NOT FIT'}"
                  f"{'' if result['fits_with_margin'] or not result['fits'] else ' (less than 10% free)'}")
-    lines.append(f"FLOPs per step: model {f['model_per_step']:.3e} (analytic), hardware {f['hardware_per_step']:.3e} "
-                 f"(+ remat), compiled {f['compiled_per_step_loops_once']:.3e} (XLA counts each scan body once)")
+    compiled = "n/a" if f["compiled_matmul_per_step"] is None else f"{f['compiled_matmul_per_step']:.3e}"
+    lines.append(f"FLOPs per step: model {f['model_per_step']:.3e} (analytic), compiled matmuls {compiled} (HLO with "
+                 f"loop trip counts; XLA cost_analysis, each loop body once: "
+                 f"{f['xla_cost_analysis_per_step_loops_once']:.3e})")
     lines.append(f"{e['label']}: step {e['step_s']:.3f} s (compute {e['compute_s']:.3f}, HBM {e['hbm_s']:.3f}, "
                  f"collectives {e['collective_s']:.3f}; bound by {e['bound_by']}), {e['tokens_per_s']:.0f} tokens/s, "
                  f"MFU {100 * e['mfu']:.1f}%")
