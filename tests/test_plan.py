@@ -128,9 +128,10 @@ def test_plan_compiles_for_a_tpu_topology_and_reports_fits_and_does_not_fit(tmp_
     p = fits["per_chip"]
     assert p["source"].startswith("compiler")
     assert p["temporaries"] > 0 and p["peak"] > 0 and p["hbm"] == 32 * 2 ** 30
-    # the compiler's arguments are the planned teacher + student + optimizer state + batch bytes
+    # the compiler's arguments hold the planned teacher + student + optimizer state + batch bytes; TPU layouts pad the
+    # tiny model's small minor dimensions to (8, 128) tiles (the exact +-2% check is on CPU devices, above)
     planned = p["teacher_params"] + p["student_params"] + p["optimizer_state"] + p["batch"]
-    assert p["arguments"] == pytest.approx(planned, rel=0.02)
+    assert planned <= p["arguments"] <= 4 * planned
     assert fits["fits"] and fits["fits_with_margin"] and fits["suggestion"] is None
     e = fits["estimate"]
     assert e["label"].startswith("ESTIMATE") and e["step_s"] == max(e["compute_s"], e["hbm_s"], e["collective_s"])
@@ -176,3 +177,42 @@ def test_libtpu_stays_out_of_ordinary_cpu_runs():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["cpu", "1"]
     assert "TPU_" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr
+
+
+def test_mesh_config_sets_the_distillation_mesh_and_checks_the_running_devices():
+    from m2d_jax.config_utils import load_config
+
+    config = load_config("distill/base")
+    spec = load_mesh_config("v5p-64")
+    spec.configure_distill(config)
+    assert dict(config.mesh) == spec.axes and config.logging.peak_flops_per_device == 459e12
+    with pytest.raises(ValueError, match="v5p-64: the config has 32 chips, this job sees 8 devices"):
+        spec.running_mesh_sizes()
+
+
+def _gpu_mesh(tmp_path, hbm: int) -> Path:
+    spec = dict(load_mesh_config("gpu-1x8-h100").__dict__, name="gpu-test", hbm_bytes_per_chip=hbm)
+    path = tmp_path / f"gpu_{hbm}.py"
+    path.write_text(f"from ml_collections import ConfigDict\n\n\ndef get_config():\n    return ConfigDict({spec!r})\n")
+    return path
+
+
+def test_gpu_plan_is_analytic_and_the_search_finds_the_micro_batches_that_fit(tmp_path):
+    """On a GPU mesh (no compile target) the plan is analytic; with HBM between the peaks of 2 and 4
+    micro-batches, the search reports --micro-batches 4 as the change that fits, and its JSON round-trips."""
+    from m2d_jax.plan import PlanOptions, plan, plan_once
+
+    options = PlanOptions(batch=32, seq=64, micro_batches=2, teacher_top_k=4, groups=2)
+    two = plan_once("qwen3_moe_tiny", "distill", str(_gpu_mesh(tmp_path, 2 ** 40)), options)
+    four = plan_once("qwen3_moe_tiny", "distill", str(_gpu_mesh(tmp_path, 2 ** 40)),
+                     options.replace(micro_batches=4))
+    assert two["per_chip"]["source"].startswith("analytic") and two["compiled"] is None
+    assert four["per_chip"]["temporaries"] < two["per_chip"]["temporaries"]
+    assert four["per_chip"]["arguments"] == two["per_chip"]["arguments"]
+    between = (two["per_chip"]["peak"] + four["per_chip"]["peak"]) // 2
+    result = plan("qwen3_moe_tiny", "distill", str(_gpu_mesh(tmp_path, between)), options)
+    assert not result["fits"] and result["suggestion"]["change"] == "--micro-batches 4"
+    assert result["suggestion"]["plan"]["fits"] and result["tried"][0]["change"] == "--micro-batches 4"
+    assert json.loads(json.dumps(result))["estimate"]["label"].startswith("ESTIMATE")
+    nothing = plan("qwen3_moe_tiny", "distill", str(_gpu_mesh(tmp_path, 1024)), options)
+    assert nothing["suggestion"] is None and len(nothing["tried"]) >= 3

@@ -347,10 +347,10 @@ def format_plan(result: dict) -> str:
     lines.append(f"  {'free':<22}{_gib(p['free'])} ({100 * p['free_fraction']:.1f}%)  ->  "
                  f"{'FITS' if result['fits'] else 'DOES NOT FIT'}"
                  f"{'' if result['fits_with_margin'] or not result['fits'] else ' (less than 10% free)'}")
-    compiled = "n/a" if f["compiled_matmul_per_step"] is None else f"{f['compiled_matmul_per_step']:.3e}"
-    lines.append(f"FLOPs per step: model {f['model_per_step']:.3e} (analytic), compiled matmuls {compiled} (HLO with "
-                 f"loop trip counts; XLA cost_analysis, each loop body once: "
-                 f"{f['xla_cost_analysis_per_step_loops_once']:.3e})")
+    lines.append(f"FLOPs per step: model {f['model_per_step']:.3e} (analytic)" + (
+        f", analytic hardware {f['analytic_hardware_per_step']:.3e} (+ remat)" if f["compiled_matmul_per_step"] is None
+        else f", compiled matmuls {f['compiled_matmul_per_step']:.3e} (HLO with loop trip counts; XLA cost_analysis, "
+             f"each loop body once: {f['xla_cost_analysis_per_step_loops_once']:.3e})"))
     lines.append(f"{e['label']}: step {e['step_s']:.3f} s (compute {e['compute_s']:.3f}, HBM {e['hbm_s']:.3f}, "
                  f"collectives {e['collective_s']:.3f}; bound by {e['bound_by']}), {e['tokens_per_s']:.0f} tokens/s, "
                  f"MFU {100 * e['mfu']:.1f}%")
