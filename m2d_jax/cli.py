@@ -78,9 +78,11 @@ def _cmd_plan(args) -> int:
 
     axes = {a: getattr(args, a) for a in ("data", "fsdp", "tensor", "expert") if getattr(args, a) is not None}
     options = PlanOptions(batch=args.batch, seq=args.seq, micro_batches=args.micro_batches, remat=args.remat,
-                          teacher_top_k=args.teacher_top_k, dispatch=args.dispatch, dtype=args.dtype,
+                          teacher_top_k=args.teacher_top_k, objective=args.objective, dispatch=args.dispatch,
+                          dtype=args.dtype,
                           groups=args.groups, eval_model=args.eval_model, distill_config=args.config, axes=axes)
-    result = plan(args.model, args.stage, args.mesh, options, suggest=not args.no_suggest)
+    result = plan(args.model, args.stage, args.mesh, options, suggest=not args.no_suggest,
+                  analytic=args.analytic)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
@@ -335,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, help="distill: gradient-accumulation micro-batches")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None, help="distill: student remat")
     p.add_argument("--teacher-top-k", type=int, help="distill: expanded teacher routing k' (0 = as trained)")
+    p.add_argument("--objective", choices=("kl", "lm"), help="distill: lm = train --model itself (no teacher)")
     p.add_argument("--dispatch", choices=DISPATCHES, help="MoE dispatch of the teacher")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="calibrate / eval: parameter dtype")
     p.add_argument("--groups", type=int, help="k of the student (default: the model config's)")
@@ -343,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     for axis in ("data", "fsdp", "tensor", "expert"):
         p.add_argument(f"--{axis}", type=int, help=f"mesh {axis} axis size (default: the mesh config's)")
     p.add_argument("--no-suggest", action="store_true", help="do not search for a plan that fits")
+    p.add_argument("--analytic", action="store_true", help="no compile on a TPU mesh either (quick, estimated)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plan)
     return parser

@@ -44,6 +44,7 @@ class PlanOptions:
     micro_batches: int | None = None  # distill
     remat: bool | None = None  # distill: student remat
     teacher_top_k: int | None = None  # distill: expanded teacher routing k' (0 = as trained)
+    objective: str | None = None  # distill: "kl" (the student from the teacher) or "lm" (train the model itself)
     dispatch: str | None = None  # MoE dispatch of the teacher (every stage)
     dtype: str = "bfloat16"  # calibrate / eval: parameter + compute dtype
     groups: int | None = None  # k of the student (default: the model config's)
@@ -70,13 +71,15 @@ def _distill_config(options: PlanOptions, teacher: ModelConfig, batch_shards: in
                                 (options.dispatch, ("teacher", "moe_dispatch"))):
         if value is not None:
             c[group][key] = value
+    if options.objective is not None:
+        c.objective = options.objective
     if options.micro_batches is not None:
         c.micro_batches = options.micro_batches
     else:
         b = c.data.batch_size
         c.micro_batches = next((n for n in range(c.micro_batches, 0, -1)
                                 if b % n == 0 and (b // n) % batch_shards == 0), c.micro_batches)
-    if teacher.moe is not None and c.teacher.top_k > teacher.moe.experts.num_experts:
+    if c.objective != "lm" and teacher.moe is not None and c.teacher.top_k > teacher.moe.experts.num_experts:
         raise M2DError(f"{options.distill_config}: teacher.top_k={c.teacher.top_k} exceeds the teacher's "
                        f"{teacher.moe.experts.num_experts} experts; pass --teacher-top-k")
     return c
@@ -88,7 +91,8 @@ def _models(model: str, stage: str, options: PlanOptions) -> tuple[ModelConfig, 
 
     teacher, groups = load_model(model)
     groups = options.groups or groups
-    needs_student = stage == "distill" or (stage == "eval" and options.eval_model == "student")
+    needs_student = ((stage == "distill" and options.objective != "lm")
+                     or (stage == "eval" and options.eval_model == "student"))
     if not needs_student or not teacher.is_moe:
         return teacher, None
     if not groups:
@@ -117,11 +121,18 @@ def _gather_bytes(tree, axis: str = "fsdp") -> tuple[int, int]:
     return received, gathered
 
 
+def _link_bandwidth(spec: MeshSpec) -> float:
+    """Bytes/s per chip for the FSDP collectives: ICI within a TPU slice; on a multi-node GPU pod the slowest link
+    (InfiniBand between nodes)."""
+    if spec.platform == "tpu" or spec.hosts == 1 or not spec.dcn_bandwidth:
+        return spec.ici_bandwidth
+    return min(spec.ici_bandwidth, spec.dcn_bandwidth)
+
+
 def _roofline(spec: MeshSpec, hardware_flops: float, hbm_bytes: float, collective_bytes: float) -> dict:
     times = {"compute_s": hardware_flops / (spec.chips * spec.peak_bf16_flops_per_chip),
              "hbm_s": hbm_bytes / spec.hbm_bandwidth,
-             "collective_s": collective_bytes / (spec.ici_bandwidth if spec.hosts == 1 or spec.platform == "tpu"
-                                                 else min(spec.ici_bandwidth, spec.dcn_bandwidth))}
+             "collective_s": collective_bytes / _link_bandwidth(spec)}
     bound = max(times, key=times.get)
     return {**times, "step_s": times[bound], "bound_by": bound[:-2]}
 
@@ -134,7 +145,7 @@ def _build(model: str, stage: str, spec: MeshSpec, options: PlanOptions, mesh):
     teacher, student = _models(model, stage, options)
     if stage == "distill":
         c = _distill_config(options, teacher, mesh.shape["data"] * mesh.shape["fsdp"])
-        program = programs.distill_program(c, teacher, student, mesh)
+        program = programs.distill_program(c, teacher, student or teacher, mesh)
         tokens = c.data.batch_size * c.data.seq_len
         seq, n = c.data.seq_len, c.micro_batches
         target = student or teacher
@@ -212,29 +223,32 @@ def _memory_analytic(program, analytic: dict, model: ModelConfig, stage: str) ->
     saved = model.num_layers * tokens_dev * model.hidden_size * 2 * (1 if stage == "distill" else 0)
     logits = 3 * tokens_dev * min(256, analytic["seq_len"]) / analytic["seq_len"] * model.vocab_size * 4
     temps = int(layer + saved + logits)
-    return {"source": "analytic ESTIMATE (no GPU compile target)", "arguments": args, "outputs": 0,
+    return {"source": "analytic ESTIMATE, not compiled", "arguments": args, "outputs": 0,
             "aliased": 0, "temporaries": temps, "code": 0, "peak": args + temps}
 
 
-def _mesh_for(spec: MeshSpec, options: PlanOptions):
+def _mesh_for(spec: MeshSpec, options: PlanOptions, use_compiler: bool):
     from m2d_jax.distill.sharding import MESH_AXES, make_mesh
 
     sizes = spec.axis_sizes(**options.axes)
-    if spec.platform == "tpu":
+    if use_compiler:
         return make_mesh(sizes, spec.topology_devices()), sizes
     from jax.sharding import AbstractMesh
 
     return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES), sizes
 
 
-def plan_once(model: str, stage: str, mesh: str | MeshSpec, options: PlanOptions = PlanOptions()) -> dict:
-    """One plan (no search): memory per chip, FITS / DOES NOT FIT, FLOPs and the step-time ESTIMATE."""
+def plan_once(model: str, stage: str, mesh: str | MeshSpec, options: PlanOptions = PlanOptions(),
+              analytic: bool = False) -> dict:
+    """One plan (no search): memory per chip, FITS / DOES NOT FIT, FLOPs and the step-time ESTIMATE. ``analytic``:
+    do not compile a TPU mesh either (GPU meshes always are analytic)."""
     if stage not in STAGES:
         raise M2DError(f"--stage {stage!r}: expected one of {STAGES}")
     spec = mesh if isinstance(mesh, MeshSpec) else load_mesh_config(mesh)
-    jax_mesh, sizes = _mesh_for(spec, options)
+    use_compiler = spec.platform == "tpu" and not analytic
+    jax_mesh, sizes = _mesh_for(spec, options, use_compiler)
     program, analytic, teacher, student = _build(model, stage, spec, options, jax_mesh)
-    memory = (_memory_from_compile(program, spec) if spec.platform == "tpu"
+    memory = (_memory_from_compile(program, spec) if use_compiler
               else _memory_analytic(program, analytic, student or teacher, stage))
     hbm = spec.hbm_bytes_per_chip
     free = hbm - memory["peak"]
@@ -302,9 +316,9 @@ def _alternatives(stage: str, spec: MeshSpec, options: PlanOptions, result: dict
 
 
 def plan(model: str, stage: str, mesh: str, options: PlanOptions = PlanOptions(), suggest: bool = True,
-         max_tries: int = 4) -> dict:
+         max_tries: int = 4, analytic: bool = False) -> dict:
     """``plan_once`` and, when it does not fit, the first alternative that does (each tried by compiling it)."""
-    result = plan_once(model, stage, mesh, options)
+    result = plan_once(model, stage, mesh, options, analytic)
     result["suggestion"] = None
     if result["fits"] or not suggest:
         return result
@@ -314,7 +328,7 @@ def plan(model: str, stage: str, mesh: str, options: PlanOptions = PlanOptions()
         if len(tried) >= max_tries:
             break
         try:
-            other = plan_once(model, stage, other_spec, other_options)
+            other = plan_once(model, stage, other_spec, other_options, analytic)
         except MeshError as err:  # e.g. the batch no longer divides the mesh
             tried.append({"change": change, "error": str(err)})
             continue
