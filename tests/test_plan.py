@@ -107,6 +107,23 @@ def test_planned_bytes_equal_what_distillation_allocates(models, tmp_path, axes)
     assert allocated["teacher_params"] < summarize(trainer.teacher_config)["bytes_by_dtype"]["float32"]  # sharded
 
 
+# appended to the subprocess script: the HLO walk on the TPU forms of an expert matmul (einsum and ragged_dot)
+TPU_MATMULS = """
+import jax, jax.numpy as jnp
+from m2d_jax.mesh import load_mesh_config
+from m2d_jax.plan.hlo import program_costs
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+device = load_mesh_config("v4-8").topology_devices()[0]
+sh = NamedSharding(Mesh([device], ("x",)), P())
+E, C, d, m = 8, 128, 256, 512
+f = lambda x, w, y, g: (jnp.einsum("ecd,edm->ecm", x, w), jax.lax.ragged_dot(y, w, g))
+args = [jax.ShapeDtypeStruct(s, t, sharding=sh) for s, t in (((E, C, d), jnp.bfloat16), ((E, d, m), jnp.bfloat16),
+        ((E * C, d), jnp.bfloat16), ((E,), jnp.int32))]
+text = jax.jit(f).lower(*args).compile().as_text()
+out.append({"counted": program_costs(text)["matmul_flops"], "expected": 2 * 2 * E * C * d * m})
+"""
+
+
 def test_plan_compiles_for_a_tpu_topology_and_reports_fits_and_does_not_fit(tmp_path):
     """A TPU AOT compile of the tiny teacher's distillation on v4-8 (4 chips, compile-only devices from libtpu), its
     --json schema, and the same plan on a mesh whose chips have 1 MiB of HBM: DOES NOT FIT."""
@@ -119,11 +136,13 @@ def test_plan_compiles_for_a_tpu_topology_and_reports_fits_and_does_not_fit(tmp_
     script = ("import contextlib, io, json, sys\nfrom m2d_jax.cli import main\nout = []\n"
               f"for argv in {[common + ['--mesh', 'v4-8'], common + ['--mesh', str(mesh_file), '--no-suggest']]!r}:\n"
               "    buf = io.StringIO()\n    with contextlib.redirect_stdout(buf):\n        assert main(argv) == 0\n"
-              "    out.append(json.loads(buf.getvalue()))\nprint(json.dumps(out))\n")
+              "    out.append(json.loads(buf.getvalue()))\n" + TPU_MATMULS + "print(json.dumps(out))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=libtpu_env(),
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    fits, tight = json.loads(proc.stdout.strip().splitlines()[-1])
+    fits, tight, matmuls = json.loads(proc.stdout.strip().splitlines()[-1])
+    # TPU writes a batched matmul as a dilated convolution and ragged_dot as a grouped-matmul kernel: both counted
+    assert matmuls["counted"] == matmuls["expected"] == 2 * 2 * 8 * 128 * 256 * 512
     assert fits["platform"] == "tpu" and fits["chips"] == 4 and fits["axes"]["fsdp"] == 4
     p = fits["per_chip"]
     assert p["source"].startswith("compiler")
@@ -216,3 +235,21 @@ def test_gpu_plan_is_analytic_and_the_search_finds_the_micro_batches_that_fit(tm
     assert json.loads(json.dumps(result))["estimate"]["label"].startswith("ESTIMATE")
     nothing = plan("qwen3_moe_tiny", "distill", str(_gpu_mesh(tmp_path, 1024)), options)
     assert nothing["suggestion"] is None and len(nothing["tried"]) >= 3
+
+
+def test_calibrate_and_perplexity_on_a_mesh_config_equal_the_single_device_run(models, tmp_path):
+    """``--mesh`` on the running stages: the model sharded over the config's axes (gpu-1x8-h100 = the 8 test
+    devices, fsdp 8) gives the same statistics and perplexity as the unsharded run."""
+    from m2d_jax.eval.ppl import evaluate_perplexity
+    from m2d_jax.pipeline import calibrate_files
+
+    axes = load_mesh_config("gpu-1x8-h100").running_mesh_sizes()
+    assert axes["fsdp"] == 8
+    kwargs = dict(seq_len=32, num_seqs=8, gram_tokens=64, batch_size=8, gram_chunk=16, show_progress=False)
+    plain = calibrate_files(models["teacher"], [models["data"]], **kwargs)
+    sharded = calibrate_files(models["teacher"], [models["data"]], mesh=axes, **kwargs)
+    for a, b in zip(plain.sums, sharded.sums):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    ppl = evaluate_perplexity(models["student"], [models["data"]], seq_len=32, batch_size=8)
+    ppl_sharded = evaluate_perplexity(models["student"], [models["data"]], seq_len=32, batch_size=8, mesh=axes)
+    assert ppl_sharded.ppl == pytest.approx(ppl.ppl, rel=1e-5) and ppl_sharded.tokens == ppl.tokens

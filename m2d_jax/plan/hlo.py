@@ -6,7 +6,8 @@ computation's cost is summed over what it calls — a fusion once, a ``while`` b
 XLA's ``known_trip_count`` or else read from the loop condition (``counter < N``, the counter starting at 0); a loop
 whose count is not found counts once and is listed in ``unknown_trip_loops``:
 
-- ``matmul_flops``: 2 x output elements x contracted size of every ``dot`` / ``convolution`` / ``ragged-dot``;
+- ``matmul_flops``: 2 x output elements x contracted size of every ``dot`` / ``convolution`` / ``ragged-dot`` and
+  of the TPU grouped-matmul kernel ``ragged_dot`` lowers to;
 - ``collective_bytes``: bytes each device sends or receives in all-gather (output), reduce-scatter (input),
   all-reduce (2 x buffer), all-to-all and collective-permute (buffer);
 - ``hbm_bytes``: operands read plus outputs written by every top-level (unfused) instruction — an ESTIMATE of HBM
@@ -70,7 +71,8 @@ def _parse(text: str) -> tuple[dict, str | None]:
             continue
         opcode = rest[:paren]
         close = _balanced(rest, paren)
-        computations[current].append((name.lstrip("%"), type_text, opcode, rest[paren + 1:close - 1], rest[close:]))
+        operands = re.sub(r"/\*.*?\*/", "", rest[paren + 1:close - 1])  # drop /*index=5*/ comments
+        computations[current].append((name.lstrip("%"), type_text, opcode, operands, rest[close:]))
     return computations, entry
 
 
@@ -120,12 +122,22 @@ def program_costs(text: str) -> dict:
         lhs, rhs = _arrays(types[names[0]]), _arrays(types[names[1]])
         if not lhs or not rhs:
             return 0.0
+        if opcode == "custom-call":  # a grouped-matmul kernel: lhs [M, K] rows each times one group's [K, N]
+            k = next((shape[1] for _, shape in (a for n in names for a in _arrays(types.get(n, ""))[:1])
+                      if len(shape) == 2 and shape[0] == out[0][1][0]), 0)
+            return 2.0 * out_elems * k
         if opcode == "convolution":
             labels = re.search(r"dim_labels=\w+_(\w+)->", attrs)
             if not labels:
                 return 0.0
             rhs_labels, rhs_shape = labels.group(1), rhs[0][1]
-            window = math.prod(rhs_shape[i] for i, c in enumerate(rhs_labels) if c.isdigit())
+            # window positions that meet real (undilated) input: a batched matmul is written as a convolution whose
+            # batch is a spatial dimension with window = batch and lhs_dilate = batch (one position each)
+            sizes = re.search(r"window=\{size=([0-9x]+)", attrs)
+            dilate = re.search(r"lhs_dilate=([0-9x]+)", attrs)
+            sizes = [int(v) for v in sizes.group(1).split("x")] if sizes else []
+            dilate = [int(v) for v in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
+            window = math.prod(-(-w // l) for w, l in zip(sizes, dilate))
             return 2.0 * out_elems * rhs_shape[rhs_labels.index("i")] * window
         dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attrs)
         contracted = math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d) if dims else lhs[0][1][-1]
@@ -136,8 +148,9 @@ def program_costs(text: str) -> dict:
         if key in memo:
             return memo[key]
         total = {"matmul_flops": 0.0, "hbm_bytes": 0.0, "collective_bytes": {}}
-        for _, type_text, opcode, operands, attrs in computations.get(name, []):
-            if opcode in ("dot", "convolution", "ragged-dot"):
+        for instr, type_text, opcode, operands, attrs in computations.get(name, []):
+            if opcode in ("dot", "convolution", "ragged-dot") or (opcode == "custom-call" and instr.startswith(
+                    "ragged-dot") and "metadata" not in instr):
                 total["matmul_flops"] += matmul(opcode, type_text, operands, attrs)
             if opcode in _COLLECTIVES:
                 nbytes = (_nbytes(type_text) if opcode != "reduce-scatter" else

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -197,7 +199,11 @@ def _memory_from_compile(program, spec: MeshSpec) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    program = program_costs(compiled.as_text())
+    text = compiled.as_text()
+    program = program_costs(text)
+    if os.environ.get("M2D_PLAN_HLO_DIR"):  # keep the optimised HLO for inspection
+        Path(os.environ["M2D_PLAN_HLO_DIR"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["M2D_PLAN_HLO_DIR"]) / f"{spec.name}_{time.strftime('%H%M%S')}.hlo.txt").write_text(text)
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     return {"source": "compiler (TPU AOT)", "compile_seconds": round(seconds, 1),
