@@ -62,7 +62,15 @@ class PlanOptions:
 
 
 # ---- the models and runtimes of a stage ---------------------------------------------------------------------------
-def _distill_config(options: PlanOptions, teacher: ModelConfig, batch_shards: int):
+def _dispatch(dispatch: str | None, spec: MeshSpec) -> str:
+    """The MoE dispatch the stage would use on the mesh's platform (``auto`` resolved for the target, not for the
+    CPU doing the compile)."""
+    from m2d_jax.models.moe import default_dispatch
+
+    return default_dispatch(spec.platform) if dispatch in (None, "auto") else dispatch
+
+
+def _distill_config(options: PlanOptions, teacher: ModelConfig, batch_shards: int, spec: MeshSpec):
     """The distillation config with the plan's changes. Without ``micro_batches`` the config's count is kept if the
     mesh can split it, else the largest smaller count that it can (each micro-batch divisible by data x fsdp)."""
     from m2d_jax.config_utils import load_config
@@ -73,6 +81,8 @@ def _distill_config(options: PlanOptions, teacher: ModelConfig, batch_shards: in
                                 (options.dispatch, ("teacher", "moe_dispatch"))):
         if value is not None:
             c[group][key] = value
+    c.teacher.moe_dispatch = _dispatch(c.teacher.moe_dispatch, spec)
+    c.student.moe_dispatch = _dispatch(c.student.moe_dispatch, spec)
     if options.objective is not None:
         c.objective = options.objective
     if options.micro_batches is not None:
@@ -146,7 +156,7 @@ def _build(model: str, stage: str, spec: MeshSpec, options: PlanOptions, mesh):
 
     teacher, student = _models(model, stage, options)
     if stage == "distill":
-        c = _distill_config(options, teacher, mesh.shape["data"] * mesh.shape["fsdp"])
+        c = _distill_config(options, teacher, mesh.shape["data"] * mesh.shape["fsdp"], spec)
         program = programs.distill_program(c, teacher, student or teacher, mesh)
         tokens = c.data.batch_size * c.data.seq_len
         seq, n = c.data.seq_len, c.micro_batches
@@ -168,7 +178,7 @@ def _build(model: str, stage: str, spec: MeshSpec, options: PlanOptions, mesh):
         batch = options.batch or 8
         seq = options.seq or 2048
         target = teacher if stage == "calibrate" or student is None else student
-        runtime = load_runtime(options.dtype, moe_dispatch=options.dispatch or "auto")
+        runtime = load_runtime(options.dtype, moe_dispatch=_dispatch(options.dispatch, spec))
         if stage == "calibrate":
             if not teacher.is_moe:
                 raise M2DError(f"--model {model}: a {teacher.family} model has no MoE layers to calibrate")
@@ -186,7 +196,7 @@ def _build(model: str, stage: str, spec: MeshSpec, options: PlanOptions, mesh):
         collective, hbm = recv, read
         tokens = batch * seq
         detail = {"tokens_per_step": tokens, "batch": batch, "seq_len": seq, "dtype": options.dtype,
-                  "model": "teacher" if target is teacher else "student"}
+                  "model": "teacher" if target is teacher else "student", "dispatch": runtime.moe_dispatch}
     analytic = {"model_flops_per_step": model_flops, "hardware_flops_per_step": hardware,
                 "hbm_bytes_per_chip": hbm, "collective_bytes_per_chip": collective, **detail}
     return program, analytic, teacher, student
@@ -251,6 +261,7 @@ def plan_once(model: str, stage: str, mesh: str | MeshSpec, options: PlanOptions
     if stage not in STAGES:
         raise M2DError(f"--stage {stage!r}: expected one of {STAGES}")
     spec = mesh if isinstance(mesh, MeshSpec) else load_mesh_config(mesh)
+    _models(model, stage, options)  # bad --model / --groups fail before libtpu starts
     use_compiler = spec.platform == "tpu" and not analytic
     jax_mesh, sizes = _mesh_for(spec, options, use_compiler)
     program, analytic, teacher, student = _build(model, stage, spec, options, jax_mesh)
