@@ -76,6 +76,42 @@ def _parse(text: str) -> tuple[dict, str | None]:
     return computations, entry
 
 
+def _taps(out_size: int, in_size: int, window: int, stride: int, pad_low: int, lhs_dilate: int,
+          rhs_dilate: int) -> int:
+    """Window taps over all output positions of one spatial dimension that land on a real (not padding, not
+    dilation-hole) input element."""
+    count = 0
+    for o in range(out_size):
+        for k in range(window):
+            p = o * stride + k * rhs_dilate - pad_low
+            count += p >= 0 and p % lhs_dilate == 0 and p // lhs_dilate < in_size
+    return count
+
+
+def _convolution_flops(out: tuple, lhs: tuple, rhs: tuple, attrs: str) -> float:
+    """2 x multiply-adds of a convolution, counting only the window taps on real input: XLA writes batched and
+    grouped matmuls as convolutions whose batch / head dimension is a spatial one with a padded or dilated window
+    (e.g. window = batch with lhs_dilate = batch: one tap per output position)."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+    if not labels:
+        return 0.0
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    spatial = sorted({c for c in rhs_labels if c.isdigit()})
+    fields = dict(re.findall(r"(size|stride|pad|lhs_dilate|rhs_dilate)=([0-9x_]+)", attrs.split("dim_labels")[0]))
+
+    def per_dim(key, default):
+        return [v for v in fields[key].split("x")] if key in fields else [default] * len(spatial)
+
+    sizes, strides = per_dim("size", "1"), per_dim("stride", "1")
+    pads, lhs_dil, rhs_dil = per_dim("pad", "0_0"), per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")
+    taps = 1
+    for i, dim in enumerate(spatial):
+        taps *= _taps(out[out_labels.index(dim)], lhs[lhs_labels.index(dim)], int(sizes[i]), int(strides[i]),
+                      int(pads[i].split("_")[0]), int(lhs_dil[i]), int(rhs_dil[i]))
+    out_spatial = math.prod(out[out_labels.index(d)] for d in spatial)
+    return 2.0 * math.prod(out) / max(out_spatial, 1) * taps * rhs[rhs_labels.index("i")]
+
+
 def _trip_count(attrs: str, condition: list, computations: dict) -> int | None:
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
     if known:
@@ -127,18 +163,7 @@ def program_costs(text: str) -> dict:
                       if len(shape) == 2 and shape[0] == out[0][1][0]), 0)
             return 2.0 * out_elems * k
         if opcode == "convolution":
-            labels = re.search(r"dim_labels=\w+_(\w+)->", attrs)
-            if not labels:
-                return 0.0
-            rhs_labels, rhs_shape = labels.group(1), rhs[0][1]
-            # window positions that meet real (undilated) input: a batched matmul is written as a convolution whose
-            # batch is a spatial dimension with window = batch and lhs_dilate = batch (one position each)
-            sizes = re.search(r"window=\{size=([0-9x]+)", attrs)
-            dilate = re.search(r"lhs_dilate=([0-9x]+)", attrs)
-            sizes = [int(v) for v in sizes.group(1).split("x")] if sizes else []
-            dilate = [int(v) for v in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
-            window = math.prod(-(-w // l) for w, l in zip(sizes, dilate))
-            return 2.0 * out_elems * rhs_shape[rhs_labels.index("i")] * window
+            return _convolution_flops(out[0][1], lhs[0][1], rhs[0][1], attrs)
         dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attrs)
         contracted = math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d) if dims else lhs[0][1][-1]
         return 2.0 * out_elems * contracted
