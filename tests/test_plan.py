@@ -124,6 +124,7 @@ out.append({"counted": program_costs(text)["matmul_flops"], "expected": 2 * 2 * 
 """
 
 
+@pytest.mark.slow
 def test_plan_compiles_for_a_tpu_topology_and_reports_fits_and_does_not_fit(tmp_path):
     """A TPU AOT compile of the tiny teacher's distillation on v4-8 (4 chips, compile-only devices from libtpu), its
     --json schema, and the same plan on a mesh whose chips have 1 MiB of HBM: DOES NOT FIT."""
@@ -146,7 +147,7 @@ def test_plan_compiles_for_a_tpu_topology_and_reports_fits_and_does_not_fit(tmp_
     assert fits["platform"] == "tpu" and fits["chips"] == 4 and fits["axes"]["fsdp"] == 4
     p = fits["per_chip"]
     assert p["source"].startswith("compiler")
-    assert p["temporaries"] > 0 and p["peak"] > 0 and p["hbm"] == 32 * 2 ** 30
+    assert p["peak"] >= p["arguments"] + p["temporaries"] and p["hbm"] == 32 * 2 ** 30
     # the compiler's arguments hold the planned teacher + student + optimizer state + batch bytes; TPU layouts pad the
     # tiny model's small minor dimensions to (8, 128) tiles (the exact +-2% check is on CPU devices, above)
     planned = p["teacher_params"] + p["student_params"] + p["optimizer_state"] + p["batch"]
