@@ -39,7 +39,12 @@ def _cmd_distill(args) -> int:
     from m2d_jax.config_utils import apply_overrides, load_config
     from m2d_jax.distill import run
 
-    config = apply_overrides(load_config(args.config), args.overrides)
+    config = load_config(args.config)
+    if args.mesh:
+        from m2d_jax.mesh import load_mesh_config
+
+        load_mesh_config(args.mesh).configure_distill(config)  # before the overrides: --config.mesh.* wins
+    config = apply_overrides(config, args.overrides)
     for field, path in (("teacher", args.teacher), ("student", args.student)):
         if path:
             config[field].path = path
@@ -55,10 +60,30 @@ def _cmd_calibrate(args) -> int:
                             gram_tokens=args.gram_tokens, batch_size=args.batch_size, seed=args.seed,
                             gram_chunk=args.gram_chunk, tokenizer_dir=args.tokenizer, text_field=args.text_field,
                             shard_index=args.shard_index, shard_count=args.shard_count, dtype=args.dtype,
-                            overwrite=args.overwrite)
+                            mesh=_running_mesh(args), overwrite=args.overwrite)
     m = stats.metadata
     print(f"wrote {args.out}: {m['tokens_seen']} tokens, {m['gram_tokens_seen']} Gram tokens, "
           f"{len(m['moe_layers'])} MoE layers, {m['tokens_seen'] / max(m['seconds'], 1e-9):.0f} tokens/s incl. compile")
+    return 0
+
+
+def _running_mesh(args) -> dict | None:
+    from m2d_jax.mesh import load_mesh_config
+
+    return load_mesh_config(args.mesh).running_mesh_sizes() if args.mesh else None
+
+
+def _cmd_plan(args) -> int:
+    from m2d_jax.plan import PlanOptions, format_plan, plan
+
+    axes = {a: getattr(args, a) for a in ("data", "fsdp", "tensor", "expert") if getattr(args, a) is not None}
+    options = PlanOptions(batch=args.batch, seq=args.seq, micro_batches=args.micro_batches, remat=args.remat,
+                          teacher_top_k=args.teacher_top_k, objective=args.objective, dispatch=args.dispatch,
+                          dtype=args.dtype,
+                          groups=args.groups, eval_model=args.eval_model, distill_config=args.config, axes=axes)
+    result = plan(args.model, args.stage, args.mesh, options, suggest=not args.no_suggest,
+                  analytic=args.analytic)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
 
@@ -90,7 +115,7 @@ def _cmd_eval_ppl(args) -> int:
 
     result = evaluate_perplexity(args.model, args.data, seq_len=args.seq_len, stride=args.stride,
                                  batch_size=args.batch_size, dtype=args.dtype, text_field=args.text_field,
-                                 tokenizer_path=args.tokenizer).to_dict()
+                                 tokenizer_path=args.tokenizer, mesh=_running_mesh(args)).to_dict()
     if args.output:
         write_json(result, args.output, overwrite=True)
     print(json.dumps(result, indent=2))
@@ -239,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="distill/base", help="config file or name under configs/")
     p.add_argument("--teacher", default="", help="teacher checkpoint (HF or m2d_jax); sets config.teacher.path")
     p.add_argument("--student", default="", help="student checkpoint (HF or m2d_jax); sets config.student.path")
+    p.add_argument("--mesh", default=None, help="mesh config (configs/mesh/, e.g. v5p-64): sets config.mesh")
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("calibrate", help="teacher routing / expert-output statistics in one pass (docs/METHOD.md §2)")
@@ -255,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--shard-index", type=int, default=0, help="this host's shard (combine shards by addition)")
     p.add_argument("--shard-count", type=int, default=1)
+    p.add_argument("--mesh", default=None, help="mesh config (configs/mesh/): shard the teacher over its axes")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_calibrate)
@@ -283,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--output", default=None, help="also write the result as JSON here")
+    p.add_argument("--mesh", default=None, help="mesh config (configs/mesh/): shard the model over its axes")
     p.set_defaults(func=_cmd_eval_ppl)
     p = eval_sub.add_parser("tasks", help="lm-eval tasks on the in-process m2d backend (docs/METHOD.md §12 defaults)")
     p.add_argument("--model", required=True)
@@ -334,6 +362,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_prune_dense)
+    from m2d_jax.models.config import DISPATCHES
+    from m2d_jax.plan import DEFAULT_DISTILL_CONFIG, STAGES
+
+    p = sub.add_parser("plan", help="compile a stage ahead of time for a mesh config: memory per chip, FITS / DOES "
+                                    "NOT FIT, FLOPs, step-time ESTIMATE (no weights, no TPU needed)")
+    p.add_argument("--model", required=True, help="model config name (configs/models/) or checkpoint directory")
+    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--mesh", required=True, help="mesh config name (configs/mesh/, e.g. v5p-64) or file")
+    p.add_argument("--batch", type=int, help="sequences per step / batch (default: the distill config's; 8)")
+    p.add_argument("--seq", type=int, help="sequence length (default: the distill config's; 2048)")
+    p.add_argument("--micro-batches", type=int, help="distill: gradient-accumulation micro-batches")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None, help="distill: student remat")
+    p.add_argument("--teacher-top-k", type=int, help="distill: expanded teacher routing k' (0 = as trained)")
+    p.add_argument("--objective", choices=("kl", "lm"), help="distill: lm = train --model itself (no teacher)")
+    p.add_argument("--dispatch", choices=DISPATCHES, help="MoE dispatch of the teacher")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="calibrate / eval: parameter dtype")
+    p.add_argument("--groups", type=int, help="k of the student (default: the model config's)")
+    p.add_argument("--eval-model", default="student", choices=("student", "teacher"), help="eval: which model")
+    p.add_argument("--config", default=DEFAULT_DISTILL_CONFIG, help="distill: the distillation config")
+    for axis in ("data", "fsdp", "tensor", "expert"):
+        p.add_argument(f"--{axis}", type=int, help=f"mesh {axis} axis size (default: the mesh config's)")
+    p.add_argument("--no-suggest", action="store_true", help="do not search for a plan that fits")
+    p.add_argument("--analytic", action="store_true", help="no compile on a TPU mesh either (quick, estimated)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plan)
     return parser
 
 

@@ -84,13 +84,13 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
                     seq_len: int = 2048, num_seqs: int = 512, gram_tokens: int = 32768, batch_size: int = 8,
                     seed: int = 0, gram_chunk: int = 256, tokenizer_dir: str | Path | None = None,
                     text_field: str = "text", shard_index: int = 0, shard_count: int = 1, dtype: str = "float32",
-                    show_progress: bool = True, overwrite: bool = False) -> CalibrationStats:
+                    mesh: dict | None = None, show_progress: bool = True, overwrite: bool = False) -> CalibrationStats:
     """``m2d calibrate``: statistics of the teacher at ``model_path`` on local text files, saved to ``out`` if given.
 
     The calibration set is ``num_seqs`` packed windows of ``seq_len`` tokens chosen with ``seed``; this call
     processes shard ``shard_index`` of ``shard_count`` (combine the shards' results with ``combine_stats``).
+    ``mesh`` (axis sizes, e.g. from a mesh config) shards the teacher over the devices by the sharding rules.
     """
-    import m2d_jax
     from m2d_jax.calibration import calibrate, save_stats
     from m2d_jax.info import load_config
 
@@ -106,7 +106,7 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
         raise ValueError(f"{model_path}: {config.family} model has no MoE layers to calibrate")
     windows = calibration_set(model_path, config.vocab_size, data_files, seq_len, num_seqs, seed, tokenizer_dir,
                               text_field)
-    teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
+    teacher = load_model(model_path, dtype, mesh)
     stats = calibrate(teacher, windows, gram_tokens=gram_tokens, batch_size=batch_size, seed=seed,
                       gram_chunk=gram_chunk, shard_index=shard_index, shard_count=shard_count,
                       show_progress=show_progress)
@@ -115,6 +115,19 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
     if out is not None:
         save_stats(stats, out, overwrite=overwrite)
     return stats
+
+
+def load_model(model_path: str | Path, dtype: str, mesh: dict | None = None):
+    """``from_pretrained(model_path, dtype=dtype)``, or with ``mesh`` (axis sizes) its parameters placed on a device
+    mesh by the sharding rules (``distill.load_for_mesh``): the one loader of the stages that take ``--mesh``."""
+    import m2d_jax
+
+    if mesh is None:
+        return m2d_jax.from_pretrained(model_path, dtype=dtype)
+    from m2d_jax.distill.sharding import make_mesh
+    from m2d_jax.distill.train import load_for_mesh
+
+    return load_for_mesh(model_path, make_mesh(mesh), dtype)[0]
 
 
 def load_statistics(paths: str | Path | Sequence[str | Path]) -> CalibrationStats:

@@ -74,7 +74,9 @@ def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _batch_fn(graphdef, chunk: int):
+def observed_forward(graphdef, chunk: int):
+    """The jitted calibration step of a model structure: ``run(state, input_ids, attention_mask, gram_index,
+    gram_valid) -> StatSums`` [num_moe_layers, ...] (``batch_sums`` runs it; ``m2d plan`` compiles it abstractly)."""
     from flax import nnx
 
     @jax.jit
@@ -105,7 +107,7 @@ def batch_sums(model, input_ids, attention_mask, gram_index, gram_valid, chunk: 
     if len(gram_index) % chunk:
         raise ValueError(f"{len(gram_index)} Gram slots is not a multiple of the chunk {chunk}")
     graphdef, state = nnx.split(model)
-    return _batch_fn(graphdef, chunk)(state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+    return observed_forward(graphdef, chunk)(state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
                                       jnp.asarray(gram_index), jnp.asarray(gram_valid, jnp.int32))
 
 

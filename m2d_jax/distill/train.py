@@ -28,7 +28,7 @@ from m2d_jax.distill.objectives import OBJECTIVES, Objective, objective_from_con
 from m2d_jax.distill.schedule import wsd_schedule
 from m2d_jax.distill.sharding import (BATCH_AXES, batch_sharding, check_batch, make_mesh, param_shardings,
                                       replicated)
-from m2d_jax.models import CausalLM, ModelConfig, abstract_model, load_runtime
+from m2d_jax.models import CausalLM, ModelConfig, RuntimeConfig, abstract_model, load_runtime
 from m2d_jax.models.config import DTYPES
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def check_config(config: ConfigDict) -> None:
 
 
 # ---- models --------------------------------------------------------------------------------------------------------
-def load_for_mesh(path: str | Path, mesh: Mesh, dtype: str, **runtime_fields) -> tuple[CausalLM, dict]:
+def load_for_mesh(path: str | Path, mesh: Mesh, dtype: str | None, **runtime_fields) -> tuple[CausalLM, dict]:
     """A model from an HF or m2d_jax checkpoint with its parameters placed on ``mesh`` by the logical-axis rules,
     in ``dtype`` and with ``runtime_fields`` (``RuntimeConfig`` fields: compute dtype, remat, dispatch, top_k).
 
@@ -110,7 +110,23 @@ def _lookup(tree, keys):
     return tree
 
 
+def model_runtimes(config: ConfigDict) -> tuple[RuntimeConfig, RuntimeConfig]:
+    """(student runtime, teacher runtime) of a distillation config: the student trained in float32 with its compute
+    dtype, remat and dispatch; the teacher in ``teacher.dtype`` with its dispatch and expanded top-k'."""
+    student = load_runtime("float32", compute_dtype=config.student.compute_dtype, remat=config.student.remat,
+                           moe_dispatch=config.student.moe_dispatch)
+    teacher = load_runtime(config.teacher.dtype, moe_dispatch=config.teacher.moe_dispatch, top_k=config.teacher.top_k)
+    return student, teacher
+
+
 # ---- the step ------------------------------------------------------------------------------------------------------
+def optimizer_from_config(config: ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(AdamW with clipping, its WSD schedule) as ``config.optimizer`` / ``config.schedule`` say."""
+    schedule = wsd_schedule(config.optimizer.learning_rate, config.steps, config.schedule.warmup_steps,
+                            config.schedule.decay_steps, config.schedule.min_lr_ratio, config.schedule.decay_type)
+    return make_optimizer(config.optimizer, schedule), schedule
+
+
 def make_optimizer(opt: ConfigDict | dict, schedule: optax.Schedule) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW (decoupled weight decay) on ``schedule``."""
     return optax.chain(optax.clip_by_global_norm(opt["grad_clip"]),
@@ -233,13 +249,11 @@ def prepare(config: ConfigDict, devices=None) -> Trainer:
         raise ValueError("config field data.tokenizer: no tokenizer.json next to the student or teacher; set it")
     windows, tokenizer = load_windows(config.data.files, tokenizer_dir, config.data.seq_len, config.data.text_field)
 
-    student, student_shardings = load_for_mesh(
-        config.student.path, mesh, "float32", compute_dtype=config.student.compute_dtype,
-        remat=config.student.remat, moe_dispatch=config.student.moe_dispatch)
+    student_runtime, teacher_runtime = model_runtimes(config)
+    student, student_shardings = load_for_mesh(config.student.path, mesh, None, runtime=student_runtime)
     teacher_config, teacher_params, teacher_shardings, teacher_graphdef = None, {}, {}, None
     if objective.uses_teacher:
-        teacher, teacher_shardings = load_for_mesh(config.teacher.path, mesh, config.teacher.dtype,
-                                                   moe_dispatch=config.teacher.moe_dispatch, top_k=config.teacher.top_k)
+        teacher, teacher_shardings = load_for_mesh(config.teacher.path, mesh, None, runtime=teacher_runtime)
         teacher_config = teacher.config
         if teacher_config.vocab_size != student.config.vocab_size:
             raise ValueError(f"teacher vocab_size {teacher_config.vocab_size} != student vocab_size "
@@ -250,9 +264,7 @@ def prepare(config: ConfigDict, devices=None) -> Trainer:
         raise ValueError(f"tokenizer {tokenizer_dir} has {tokenizer.vocab_size} tokens, more than the model's "
                          f"vocab_size {student.config.vocab_size}")
 
-    schedule = wsd_schedule(config.optimizer.learning_rate, config.steps, config.schedule.warmup_steps,
-                            config.schedule.decay_steps, config.schedule.min_lr_ratio, config.schedule.decay_type)
-    tx = make_optimizer(config.optimizer, schedule)
+    tx, schedule = optimizer_from_config(config)
     student_graphdef, student_state = nnx.split(student, nnx.Param)
     state, state_shardings = init_train_state(student_state.to_pure_dict(), tx, mesh, student_shardings)
     student_config = student.config

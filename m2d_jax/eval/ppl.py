@@ -102,15 +102,21 @@ def perplexity(model, tokens: np.ndarray, seq_len: int = 2048, stride: int | Non
 def evaluate_perplexity(model_path: str | Path, files: Sequence[str | Path], seq_len: int = 2048,
                         stride: int | None = None, batch_size: int = 8, dtype: str = "float32",
                         text_field: str = "text", tokenizer_path: str | Path | None = None,
-                        **config_overrides) -> PerplexityResult:
+                        mesh: dict | None = None, **config_overrides) -> PerplexityResult:
     """``m2d eval ppl``: load the model, read local text/jsonl/parquet ``files``, join the documents with "\\n\\n",
-    tokenise once with the model directory's tokenizer (or ``tokenizer_path``) and compute ``perplexity``."""
+    tokenise once with the model directory's tokenizer (or ``tokenizer_path``) and compute ``perplexity``.
+    ``mesh`` (axis sizes) shards the model over the devices by the sharding rules."""
     from m2d_jax import from_pretrained
     from m2d_jax.data import load_tokenizer, read_documents
 
     docs = read_documents(files, text_field=text_field)
     tokenizer = load_tokenizer(tokenizer_path or model_path)
-    model = from_pretrained(model_path, dtype=dtype, **config_overrides)
+    if mesh is not None:
+        from m2d_jax.pipeline import load_model
+
+        model = load_model(model_path, dtype, mesh)
+    else:
+        model = from_pretrained(model_path, dtype=dtype, **config_overrides)
     max_pos = model.config.max_position_embeddings
     if seq_len > max_pos:  # before tokenising a large corpus
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={max_pos}")

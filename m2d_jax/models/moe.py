@@ -100,10 +100,10 @@ def route_topk_softmax(logits, k: int) -> Routing:
     return Routing(logits, jax.nn.softmax(logits.astype(jnp.float32), axis=-1), top_idx.astype(jnp.int32), weights)
 
 
-def default_dispatch() -> str:
+def default_dispatch(platform: str | None = None) -> str:
     """``blocks`` on CPU (fastest exact path there, whatever the routing skew), ``ragged`` on TPU/GPU (grouped
-    matmul kernels)."""
-    return "blocks" if jax.default_backend() == "cpu" else "ragged"
+    matmul kernels). ``platform`` (default: jax's default backend) names the target, e.g. for an AOT compile."""
+    return "blocks" if (platform or jax.default_backend()) == "cpu" else "ragged"
 
 
 def expert_outputs(strategy: str, x, top_idx, experts: ExpertWeights, act: Callable, capacity_factor: float = 1.25,

@@ -1,0 +1,1 @@
+"""Mesh configs: one file per TPU slice or GPU pod (``m2d_jax.mesh.load_mesh_config``)."""

@@ -1,0 +1,211 @@
+"""Per-device costs of a compiled program read from its optimised HLO text, with loop trip counts.
+
+XLA's ``cost_analysis`` counts a ``while`` body once; the scanned decoder (layers), gradient accumulation
+(micro-batches) and the chunked loss are all ``while`` loops, so it under-counts by their trip counts. Here every
+computation's cost is summed over what it calls — a fusion once, a ``while`` body ``trip`` times, where ``trip`` is
+XLA's ``known_trip_count`` or else read from the loop condition (``counter < N``, the counter starting at 0); a loop
+whose count is not found counts once and is listed in ``unknown_trip_loops``:
+
+- ``matmul_flops``: 2 x output elements x contracted size of every ``dot`` / ``convolution`` / ``ragged-dot`` and
+  of the TPU grouped-matmul kernel ``ragged_dot`` lowers to;
+- ``collective_bytes``: bytes each device sends or receives in all-gather (output), reduce-scatter (input),
+  all-reduce (2 x buffer), all-to-all and collective-permute (buffer);
+- ``hbm_bytes``: operands read plus outputs written by every top-level (unfused) instruction — an ESTIMATE of HBM
+  traffic (operands kept in on-chip memory are counted too).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1, "bf16": 2, "f16": 2, "s16": 2,
+             "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8}
+_HEADER = re.compile(r"^(ENTRY )?%(\S+) \(.*\) -> .* \{$")
+_ARRAY = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "copy-done", "all-gather-done",
+         "all-reduce-done", "collective-permute-done", "async-done", "after-all", "partition-id", "replica-id",
+         "opt-barrier", "while", "conditional", "call"}
+_COLLECTIVES = {"all-gather": "all_gather", "all-gather-start": "all_gather", "reduce-scatter": "reduce_scatter",
+                "all-reduce": "all_reduce", "all-reduce-start": "all_reduce", "all-to-all": "all_to_all",
+                "ragged-all-to-all": "all_to_all", "collective-permute": "permute",
+                "collective-permute-start": "permute"}
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the parenthesis group opening at ``text[start]``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    return len(text)
+
+
+def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(type_text)
+            if d in _ITEMSIZE]
+
+
+def _nbytes(type_text: str) -> int:
+    return sum(_ITEMSIZE[d] * math.prod(shape) for d, shape in _arrays(type_text))
+
+
+def _parse(text: str) -> tuple[dict, str | None]:
+    """{computation: [(name, type, opcode, operands, attributes)]} and the entry computation's name."""
+    computations, entry, current = {}, None, None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(2)
+            computations[current] = []
+            entry = current if header.group(1) else entry
+            continue
+        if current is None or " = " not in line or not line.startswith("  "):
+            continue
+        name, rest = line.strip().removeprefix("ROOT ").split(" = ", 1)
+        end = _balanced(rest, 0) if rest.startswith("(") else rest.index(" ")
+        type_text, rest = rest[:end], rest[end:].lstrip()
+        paren = rest.find("(")
+        if paren < 0:
+            continue
+        opcode = rest[:paren]
+        close = _balanced(rest, paren)
+        operands = re.sub(r"/\*.*?\*/", "", rest[paren + 1:close - 1])  # drop /*index=5*/ comments
+        computations[current].append((name.lstrip("%"), type_text, opcode, operands, rest[close:]))
+    return computations, entry
+
+
+def _taps(out_size: int, in_size: int, window: int, stride: int, pad_low: int, lhs_dilate: int,
+          rhs_dilate: int) -> int:
+    """Window taps over all output positions of one spatial dimension that land on a real (not padding, not
+    dilation-hole) input element."""
+    count = 0
+    for o in range(out_size):
+        for k in range(window):
+            p = o * stride + k * rhs_dilate - pad_low
+            count += p >= 0 and p % lhs_dilate == 0 and p // lhs_dilate < in_size
+    return count
+
+
+def _convolution_flops(out: tuple, lhs: tuple, rhs: tuple, attrs: str) -> float:
+    """2 x multiply-adds of a convolution, counting only the window taps on real input: XLA writes batched and
+    grouped matmuls as convolutions whose batch / head dimension is a spatial one with a padded or dilated window
+    (e.g. window = batch with lhs_dilate = batch: one tap per output position)."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+    if not labels:
+        return 0.0
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    spatial = sorted({c for c in rhs_labels if c.isdigit()})
+    fields = dict(re.findall(r"(size|stride|pad|lhs_dilate|rhs_dilate)=([0-9x_]+)", attrs.split("dim_labels")[0]))
+
+    def per_dim(key, default):
+        return [v for v in fields[key].split("x")] if key in fields else [default] * len(spatial)
+
+    sizes, strides = per_dim("size", "1"), per_dim("stride", "1")
+    pads, lhs_dil, rhs_dil = per_dim("pad", "0_0"), per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")
+    taps = 1
+    for i, dim in enumerate(spatial):
+        taps *= _taps(out[out_labels.index(dim)], lhs[lhs_labels.index(dim)], int(sizes[i]), int(strides[i]),
+                      int(pads[i].split("_")[0]), int(lhs_dil[i]), int(rhs_dil[i]))
+    out_spatial = math.prod(out[out_labels.index(d)] for d in spatial)
+    return 2.0 * math.prod(out) / max(out_spatial, 1) * taps * rhs[rhs_labels.index("i")]
+
+
+def _trip_count(attrs: str, condition: list, computations: dict) -> int | None:
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
+    if known:
+        return int(known.group(1))
+    constants = {name: int(m.group(1)) for name, _, op, operands, _ in condition if op == "constant"
+                 for m in [re.fullmatch(r"(-?\d+)", operands.strip())] if m}
+
+    def less_than(op, attrs):
+        if op == "compare":
+            return "direction=LT" in attrs
+        callee = re.search(r"calls=%([^\s,]+)", attrs) if op == "fusion" else None
+        return bool(callee) and any(o == "compare" and "direction=LT" in a
+                                    for _, _, o, _, a in computations.get(callee.group(1), []))
+
+    for _, _, op, operands, attrs in condition:
+        if less_than(op, attrs):
+            for operand in operands.split(","):
+                value = constants.get(operand.strip().lstrip("%"))
+                if value is not None:
+                    return value
+    return None
+
+
+def program_costs(text: str) -> dict:
+    """``matmul_flops``, ``collective_bytes`` (by kind and total), ``hbm_bytes`` of one device's program, with loop
+    trip counts (see the module docstring); ``loops``: the trip count of every ``while`` found."""
+    computations, entry = _parse(text)
+    types = {name: t for instrs in computations.values() for name, t, *_ in instrs}
+    memo: dict[str, dict] = {}
+    loops, unknown = [], []
+
+    def add(total, part, times=1):
+        for key in ("matmul_flops", "hbm_bytes"):
+            total[key] += times * part[key]
+        for kind, n in part["collective_bytes"].items():
+            total["collective_bytes"][kind] = total["collective_bytes"].get(kind, 0) + times * n
+
+    def matmul(opcode, type_text, operands, attrs) -> float:
+        out = _arrays(type_text)
+        names = [o.strip().lstrip("%") for o in operands.split(",")]
+        if not out or len(names) < 2 or names[0] not in types or names[1] not in types:
+            return 0.0
+        out_elems = math.prod(out[0][1])
+        lhs, rhs = _arrays(types[names[0]]), _arrays(types[names[1]])
+        if not lhs or not rhs:
+            return 0.0
+        if opcode == "custom-call":  # a grouped-matmul kernel: lhs [M, K] rows each times one group's [K, N]
+            k = next((shape[1] for _, shape in (a for n in names for a in _arrays(types.get(n, ""))[:1])
+                      if len(shape) == 2 and shape[0] == out[0][1][0]), 0)
+            return 2.0 * out_elems * k
+        if opcode == "convolution":
+            return _convolution_flops(out[0][1], lhs[0][1], rhs[0][1], attrs)
+        dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attrs)
+        contracted = math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d) if dims else lhs[0][1][-1]
+        return 2.0 * out_elems * contracted
+
+    def cost(name: str, top_level: bool) -> dict:
+        key = f"{name}:{top_level}"
+        if key in memo:
+            return memo[key]
+        total = {"matmul_flops": 0.0, "hbm_bytes": 0.0, "collective_bytes": {}}
+        for instr, type_text, opcode, operands, attrs in computations.get(name, []):
+            if opcode in ("dot", "convolution", "ragged-dot") or (opcode == "custom-call" and instr.startswith(
+                    "ragged-dot") and "metadata" not in instr):
+                total["matmul_flops"] += matmul(opcode, type_text, operands, attrs)
+            if opcode in _COLLECTIVES:
+                nbytes = (_nbytes(type_text) if opcode != "reduce-scatter" else
+                          sum(_nbytes(types.get(o.strip().lstrip("%"), "")) for o in operands.split(",")))
+                kind = _COLLECTIVES[opcode]
+                nbytes = nbytes // 2 if opcode.endswith("-start") else nbytes  # (input, output) tuples
+                total["collective_bytes"][kind] = total["collective_bytes"].get(kind, 0) + (
+                    2 * nbytes if kind == "all_reduce" else nbytes)
+            if top_level and opcode not in _FREE:
+                total["hbm_bytes"] += _nbytes(type_text) + sum(
+                    _nbytes(types.get(o.strip().lstrip("%"), "")) for o in operands.split(",") if o.strip())
+            if opcode == "while":
+                body = re.search(r"body=%([^\s,]+)", attrs).group(1)
+                condition = re.search(r"condition=%([^\s,]+)", attrs).group(1)
+                trip = _trip_count(attrs, computations.get(condition, []), computations)
+                loops.append({"body": body, "trip_count": trip})
+                if trip is None:
+                    unknown.append(body)
+                add(total, cost(body, True), trip or 1)
+            else:
+                for callee in re.findall(r"(?:calls|to_apply|branch_computations=\{)=?%([^\s,}]+)", attrs):
+                    if opcode in ("reduce", "reduce-window", "scatter", "sort", "select-and-scatter", "map",
+                                  "all-reduce", "reduce-scatter", "all-reduce-start"):
+                        continue  # scalar reducers
+                    add(total, cost(callee, opcode in ("call", "conditional")))
+        memo[key] = total
+        return total
+
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    result = cost(entry, True)
+    result["collective_bytes"]["total"] = sum(result["collective_bytes"].values())
+    return {**result, "loops": loops, "unknown_trip_loops": unknown}
