@@ -20,7 +20,8 @@ REMOTE_M2D = "m2d distill --mesh v5p-64 --config.steps=10 --teacher 'dir with sp
 
 # A fake gcloud: one line per call (argv joined by \x1f) in $FAKE_LOG; `tpu-vm describe` exits $FAKE_DESCRIBE_RC;
 # `queued-resources describe` prints the next state of $FAKE_STATES; scp keeps a copy of the archive it is given;
-# ssh prints a line per call (to check streaming into the log) and fails with $FAKE_RUN_RC for the m2d command.
+# ssh prints a line per call (to check streaming into the log); the m2d command it runs in a shell as a worker would
+# (HOME=$FAKE_DIR/home, whose venv has an m2d that logs its argv), then exits with $FAKE_RUN_RC.
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
 (IFS=$'\x1f'; echo "$*") >> "$FAKE_LOG"
 case "$3 $4" in
@@ -29,7 +30,8 @@ case "$3 $4" in
     echo >> "$FAKE_DIR/polls"; set -- $FAKE_STATES; shift "$n"; echo "$1" ;;
   "tpu-vm scp") cp "$5" "$FAKE_DIR/archive.tar.gz" ;;
   "tpu-vm ssh") echo "worker output of call $(wc -l < "$FAKE_LOG")"
-    [[ "$*" != *"m2d distill"* ]] || exit "${FAKE_RUN_RC:-0}" ;;
+    for arg in "$@"; do [[ "$arg" != --command=* ]] || command="${arg#--command=}"; done
+    [[ "$command" != *"m2d distill"* ]] || { HOME="$FAKE_DIR/home" bash -c "$command"; exit "${FAKE_RUN_RC:-0}"; } ;;
 esac
 """
 
@@ -50,6 +52,12 @@ def test_bash_syntax_and_shellcheck_clean(script):
 def launch(args, tmp_path, **env):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir(exist_ok=True)
+    venv_bin = tmp_path / "home" / "m2d_venv" / "bin"  # a worker's home after the install step
+    venv_bin.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "home" / "m2d_jax").mkdir(exist_ok=True)
+    (venv_bin / "activate").write_text(f'export PATH="{venv_bin}:$PATH"\n')
+    (venv_bin / "m2d").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$PWD" "$@" > "$FAKE_DIR/m2d_argv"\n')
+    (venv_bin / "m2d").chmod(0o755)
     (fake_bin / "gcloud").write_text(FAKE_GCLOUD)
     (fake_bin / "gcloud").chmod(0o755)
     environment = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", FAKE_LOG=str(tmp_path / "calls"),
@@ -109,6 +117,8 @@ def test_run_creates_installs_runs_copies_and_deletes(tmp_path):
     assert "worker output of call 5" in text and "worker output of call 6" in text
     assert "+ gcloud compute tpus tpu-vm ssh pod1 --worker=all" in text
     assert "worker output of call 5" in result.stdout  # and on the terminal
+    # the m2d command reached the worker's shell with its arguments intact, in the project checkout
+    assert (tmp_path / "m2d_argv").read_text().splitlines() == [str(tmp_path / "home" / "m2d_jax"), *M2D[1:]]
 
 
 def test_run_reuses_an_existing_vm_without_bucket_or_delete(tmp_path):
