@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import time
 
 SHAPES = {
@@ -176,6 +177,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny models (a smoke run)")
     args = parser.parse_args()
 
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile only: other processes may hold libtpu
     import jax
     from jax.experimental import topologies
 
