@@ -1,0 +1,98 @@
+"""Multi-host runs: starting ``jax.distributed`` the same way in every entry point, and arrays back on the host.
+
+``initialize_distributed()`` is the first thing every ``m2d`` command that touches devices does. It starts the
+distributed runtime when the process is one of several, and does nothing for a single process:
+
+- ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``: any of them
+  set means an explicit launch (a GPU pod without SLURM, or localhost); all three must then be set (jax 0.10 reads
+  ``JAX_COORDINATOR_ADDRESS`` itself but not the other two, so they are passed here);
+- an ``srun`` step of more than one task (``SLURM_STEP_NODELIST`` and ``SLURM_PROCID`` set, ``SLURM_NTASKS`` > 1):
+  jax's own SLURM detection (coordinator = the step's first node, process id = ``SLURM_PROCID``, and one device per
+  task, ``SLURM_LOCALID``; for one process per host owning all its GPUs set the three variables above instead);
+- a Cloud TPU VM slice of more than one host (``TPU_WORKER_HOSTNAMES`` lists several, or
+  ``MEGASCALE_COORDINATOR_ADDRESS`` is set): jax's own TPU detection;
+- otherwise (no variables, one host): nothing, one process.
+
+On CPU the cross-process collectives are gloo's (``jax_cpu_collectives_implementation``), set before the backend
+starts. After it, ``jax.process_index()`` / ``jax.process_count()`` and ``jax.devices()`` (all processes' devices)
+describe the whole run; only process 0 writes single files (``m2d_jax.artifacts``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+
+from m2d_jax.errors import MeshError
+
+log = logging.getLogger(__name__)
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def _int_env(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise MeshError(f"environment variable {name}={value!r}: expected an integer") from None
+
+
+def launch_kind(environ=os.environ) -> str | None:
+    """How this process was launched: "env" (the JAX_* variables), "slurm" (a multi-task SLURM step), "tpu" (a
+    multi-host Cloud TPU slice), or None (one process)."""
+    if any(environ.get(k) for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)):
+        return "env"
+    if "SLURM_STEP_NODELIST" in environ and "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS") or 1) > 1:
+        return "slurm"
+    hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu"
+    return None
+
+
+def initialize_distributed(initialization_timeout: int = 300) -> bool:
+    """Start ``jax.distributed`` if this process is one of several (see the module docstring); returns whether the
+    run is multi-process. Call it before anything touches a device; calling it again is a no-op."""
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    kind = launch_kind()
+    if kind is None:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if kind == "env":
+        missing = [k for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID) if not os.environ.get(k)]
+        if missing:
+            raise MeshError(f"environment: {', '.join(missing)} not set; a multi-process launch needs "
+                            f"{ENV_COORDINATOR} (host:port of process 0), {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}")
+        num_processes, process_id = _int_env(ENV_NUM_PROCESSES), _int_env(ENV_PROCESS_ID)
+        if not 0 <= process_id < num_processes:
+            raise MeshError(f"environment: {ENV_PROCESS_ID}={process_id} is not in [0, "
+                            f"{ENV_NUM_PROCESSES}={num_processes})")
+        if num_processes == 1:
+            return False
+        jax.distributed.initialize(os.environ[ENV_COORDINATOR], num_processes, process_id,
+                                   initialization_timeout=initialization_timeout)
+    else:  # jax's own cluster detection (SLURM, Cloud TPU)
+        jax.distributed.initialize(initialization_timeout=initialization_timeout)
+    log.info("jax.distributed (%s): process %d of %d, %d local of %d devices", kind, jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return jax.process_count() > 1
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array as a NumPy array on every process (a collective when it spans
+    processes: every process must call it)."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+__all__ = ["initialize_distributed", "launch_kind", "to_host"]
