@@ -16,6 +16,11 @@ distributed runtime when the process is one of several, and does nothing for a s
 On CPU the cross-process collectives are gloo's (``jax_cpu_collectives_implementation``), set before the backend
 starts. After it, ``jax.process_index()`` / ``jax.process_count()`` and ``jax.devices()`` (all processes' devices)
 describe the whole run; only process 0 writes single files (``m2d_jax.artifacts``).
+
+The stages that run a model over data (calibration, perplexity; distillation has its own loop) take a mesh
+(``stage_mesh``): the model is imported straight into its sharded layout, and each batch is one global array whose
+rows each process places from its own share (``global_batch``), so reductions over the batch (calibration sums, the
+NLL) are all-reduced over the mesh inside the jitted step and every process ends with the same result.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def initialize_distributed(initialization_timeout: int = 300) -> bool:
     kind = launch_kind()
     if kind is None:
         return False
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    explicit = {}  # jax's own cluster detection (SLURM, Cloud TPU) fills in what is not given
     if kind == "env":
         missing = [k for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID) if not os.environ.get(k)]
         if missing:
@@ -76,13 +81,40 @@ def initialize_distributed(initialization_timeout: int = 300) -> bool:
                             f"{ENV_NUM_PROCESSES}={num_processes})")
         if num_processes == 1:
             return False
-        jax.distributed.initialize(os.environ[ENV_COORDINATOR], num_processes, process_id,
-                                   initialization_timeout=initialization_timeout)
-    else:  # jax's own cluster detection (SLURM, Cloud TPU)
-        jax.distributed.initialize(initialization_timeout=initialization_timeout)
+        explicit = dict(coordinator_address=os.environ[ENV_COORDINATOR], num_processes=num_processes,
+                        process_id=process_id)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices' cross-process collectives
+    jax.distributed.initialize(**explicit, initialization_timeout=initialization_timeout)
     log.info("jax.distributed (%s): process %d of %d, %d local of %d devices", kind, jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return jax.process_count() > 1
+
+
+def stage_mesh(mesh=None, devices=None):
+    """The mesh a calibration / evaluation stage runs on: ``mesh`` itself (a ``jax.sharding.Mesh``, or axis sizes
+    for ``m2d_jax.distill.sharding.make_mesh`` over ``devices``); without one, in a multi-process run, every device
+    on the ``fsdp`` axis (parameters and batch split over all of them); else None (one device, no mesh)."""
+    from jax.sharding import Mesh
+
+    from m2d_jax.distill.sharding import make_mesh
+
+    if isinstance(mesh, Mesh):
+        return mesh
+    if mesh is not None:
+        return make_mesh(dict(mesh), devices)
+    return make_mesh({"fsdp": -1}, devices) if jax.process_count() > 1 else None
+
+
+def global_batch(rows: np.ndarray, mesh, field: str = "batch_size") -> jax.Array:
+    """``rows`` [batch, ...] (the same on every process) as one array sharded over the mesh's batch axes; each
+    process places only the rows its devices hold. ``field`` names the option a bad batch size comes from."""
+    from m2d_jax.distill.sharding import BATCH_AXES, batch_sharding
+
+    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if rows.shape[0] % shards:
+        raise MeshError(f"{field}={rows.shape[0]} is not divisible by the mesh's "
+                        f"{' x '.join(BATCH_AXES)} = {shards} batch shards")
+    return jax.make_array_from_callback(rows.shape, batch_sharding(mesh, rows.ndim), lambda index: rows[index])
 
 
 def to_host(x) -> np.ndarray:
@@ -95,4 +127,4 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-__all__ = ["initialize_distributed", "launch_kind", "to_host"]
+__all__ = ["global_batch", "initialize_distributed", "launch_kind", "stage_mesh", "to_host"]

@@ -66,15 +66,20 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
                     seq_len: int = 2048, num_seqs: int = 512, gram_tokens: int = 32768, batch_size: int = 8,
                     seed: int = 0, gram_chunk: int = 256, tokenizer_dir: str | Path | None = None,
                     text_field: str = "text", shard_index: int = 0, shard_count: int = 1, dtype: str = "float32",
-                    show_progress: bool = True, overwrite: bool = False) -> CalibrationStats:
+                    show_progress: bool = True, overwrite: bool = False, mesh=None) -> CalibrationStats:
     """``m2d calibrate``: statistics of the teacher at ``model_path`` on local text files, saved to ``out`` if given.
 
     The calibration set is ``num_seqs`` packed windows of ``seq_len`` tokens chosen with ``seed``; this call
     processes shard ``shard_index`` of ``shard_count`` (combine the shards' results with ``combine_stats``).
+    ``mesh`` (a ``Mesh`` or axis sizes; default in a multi-process run: all devices on ``fsdp``,
+    ``distributed.stage_mesh``) imports the teacher sharded onto it and splits every batch over it; the statistics
+    are those of the whole batch on every process, and process 0 writes ``out``.
     """
     import m2d_jax
     from m2d_jax.calibration import calibrate, calibration_windows, save_stats
     from m2d_jax.data import DataError, load_tokenizer, pack_documents, read_documents, tokenize_documents
+    from m2d_jax.distill.train import load_for_mesh
+    from m2d_jax.distributed import stage_mesh
     from m2d_jax.info import load_config
 
     check_outputs(out, overwrite=overwrite)
@@ -92,11 +97,13 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
     if tokens.max() >= config.vocab_size:
         raise DataError(f"tokenizer of {tokenizer.directory} produced id {int(tokens.max())} >= the model's "
                         f"vocab_size {config.vocab_size}")
-    teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
+    mesh = stage_mesh(mesh)
+    teacher = m2d_jax.from_pretrained(model_path, dtype=dtype) if mesh is None else \
+        load_for_mesh(model_path, mesh, dtype)[0]
     windows = calibration_windows(pack_documents(tokens, seq_len), num_seqs, seed)
     stats = calibrate(teacher, windows, gram_tokens=gram_tokens, batch_size=batch_size, seed=seed,
                       gram_chunk=gram_chunk, shard_index=shard_index, shard_count=shard_count,
-                      show_progress=show_progress)
+                      show_progress=show_progress, mesh=mesh)
     stats = CalibrationStats(stats.sums, {**stats.metadata, "model_path": str(Path(model_path).absolute()),
                                           "data_files": [str(Path(f).absolute()) for f in data_files]})
     if out is not None:
