@@ -51,13 +51,17 @@ def source_provenance(model_path: str | Path) -> dict:
 
 
 def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
-                      overwrite: bool = False) -> Path:
-    """``m2d import``: stream an HF checkpoint into an m2d_jax (Orbax) checkpoint directory."""
+                      overwrite: bool = False, mesh=None) -> Path:
+    """``m2d import``: stream an HF checkpoint into an m2d_jax (Orbax) checkpoint directory. With a ``mesh``
+    (default in a multi-process run: every device on ``fsdp``) each process reads and writes only its shards."""
     from m2d_jax import checkpoint
+    from m2d_jax.distill.train import load_for_mesh
+    from m2d_jax.distributed import stage_mesh
     from m2d_jax.hf import load_hf
 
     check_outputs(out_dir, overwrite=overwrite)
-    model = load_hf(Path(hf_dir), dtype=dtype)
+    mesh = stage_mesh(mesh)
+    model = load_hf(Path(hf_dir), dtype=dtype) if mesh is None else load_for_mesh(hf_dir, mesh, dtype)[0]
     provenance = Provenance("imported", **source_provenance(hf_dir))
     return checkpoint.save_model(model, out_dir, provenance.to_dict(), overwrite=overwrite)
 

@@ -32,7 +32,8 @@ def run_stages(models: dict, out: Path, devices=None) -> dict:
     config = tiny_config(models, out / "distill", steps=3, **{f"mesh.{k}": v for k, v in MESH.items()},
                          **{"schedule.warmup_steps": 1, "schedule.decay_steps": 1})
     distilled = train.run(config, devices)
-    ppl = evaluate_perplexity(distilled["student"], [models["data"]], seq_len=32, batch_size=4, mesh=mesh)
+    ppl = evaluate_perplexity(distilled["student"], [models["eval"]], seq_len=32, batch_size=4,
+                              tokenizer_path=models["tokenizer"], mesh=mesh)
     export_checkpoint(distilled["student"], out / "hf", tokenizer_from=models["tokenizer"], progress=False,
                       mesh=mesh)
     return {"stats_digest": stats.digest(), "tokens": stats.metadata["tokens_seen"], "loss": distilled["metrics"],

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import corpus_documents
 from distill_helpers import build_models
 from m2d_jax.calibration import load_stats
 from m2d_jax.distributed import launch_kind
@@ -64,6 +65,8 @@ def _tensors(hf_dir: Path) -> dict[str, np.ndarray]:
 @pytest.mark.slow
 def test_two_processes_run_every_stage_like_one(tmp_path):
     models = build_models(tmp_path / "models")
+    models["eval"] = tmp_path / "models" / "eval.txt"  # a few hundred tokens: 6 batches of 4 windows
+    models["eval"].write_text("\n\n".join(corpus_documents(3, max_chars=300)))
     one = run_stages(models, tmp_path / "one", jax.devices()[:4])
     two = _two_processes(models, tmp_path / "two")
 

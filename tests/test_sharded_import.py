@@ -106,12 +106,19 @@ def test_every_shard_equals_the_slice_of_the_unsharded_import(checkpoints, famil
     assert experts[1] == ("fsdp" if mesh_name == "experts_over_fsdp" else "expert")
 
 
-def test_slice_reads_equal_numpy_slicing(tmp_path):
-    """``read_slice`` (positioned reads of the runs of a slice) equals NumPy slicing, for every dtype and shape."""
+@pytest.mark.parametrize("small_run, block", [(0, 0), (1 << 16, 100), (1 << 16, 64 << 20)],
+                         ids=["runs", "small_row_blocks", "default"])
+def test_slice_reads_equal_numpy_slicing(tmp_path, monkeypatch, small_run, block):
+    """``read_slice`` equals NumPy slicing for every dtype and shape, read run by run or in blocks of whole rows."""
     import ml_dtypes
 
+    from m2d_jax.hf import safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "SMALL_RUN_BYTES", small_run)
+    monkeypatch.setattr(safetensors_io, "READ_BLOCK_BYTES", block)
+
     rng = np.random.default_rng(0)
-    tensors = {"f32": rng.normal(size=(4, 5, 6)).astype(np.float32), "scalar": np.array(3.0, np.float32),
+    tensors = {"f32": rng.normal(size=(9, 5, 6)).astype(np.float32), "scalar": np.array(3.0, np.float32),
                "i64": np.arange(10), "u8": rng.integers(0, 255, (3, 7, 2, 16)).astype(np.uint8),
                "bf16": rng.normal(size=(3, 7)).astype(ml_dtypes.bfloat16)}
     write_safetensors(tmp_path / "model.safetensors", list(tensors.items()))

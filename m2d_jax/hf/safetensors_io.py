@@ -33,6 +33,8 @@ DTYPES = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+SMALL_RUN_BYTES = 1 << 16  # slice runs shorter than this are read as blocks of whole rows instead
+READ_BLOCK_BYTES = 64 << 20  # the largest such block (or one row of axis 0, if larger)
 
 
 class SafetensorsFile:
@@ -86,14 +88,16 @@ class SafetensorsFile:
         return arr.reshape(entry["shape"])
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
-        """``tensor[index]`` (one ``slice`` per axis, step 1) as a new array, reading only the bytes it needs: one
-        positioned read per contiguous run (the trailing axes that the slice keeps whole are one run)."""
+        """``tensor[index]`` (one ``slice`` per axis, step 1) as a new array, reading from the file only the rows it
+        needs: one positioned read per contiguous run (the trailing axes that the slice keeps whole are one run), or,
+        when the runs are small (a column slice), consecutive blocks of whole leading-axis rows of at most
+        ``READ_BLOCK_BYTES`` cut in memory, so that a column slice costs few system calls and one block of memory."""
         entry = self.entries[key]
         dtype = np.dtype(DTYPES[entry["dtype"]])
         shape = tuple(entry["shape"])
-        bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
-        if len(bounds) != len(shape) or any(step != 1 for step in (s.step or 1 for s in index)):
+        if len(index) != len(shape) or any(s.step not in (None, 1) for s in index):
             raise ValueError(f"{self.path}: tensor {key!r} {shape}: bad slice {index}")
+        bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
         out = np.empty([max(b - a, 0) for a, b in bounds], dtype)
         if out.size == 0:
             return out
@@ -103,18 +107,30 @@ class SafetensorsFile:
             whole -= 1
         lead = max(whole - 1, 0)
         strides = [dtype.itemsize * math.prod(shape[i + 1:]) for i in range(len(shape))]
-        begin = self.data_start + entry["data_offsets"][0] + (bounds[lead][0] * strides[lead] if shape else 0)
-        runs = out.reshape(-1, math.prod(out.shape[lead:]))  # [number of runs, elements per run]
+        begin = self.data_start + entry["data_offsets"][0]
         fd = os.open(self.path, os.O_RDONLY)
         try:
+            if lead > 0 and math.prod(out.shape[lead:]) * dtype.itemsize < SMALL_RUN_BYTES:
+                rows = max(1, READ_BLOCK_BYTES // strides[0])  # whole rows of axis 0 per block
+                for first in range(bounds[0][0], bounds[0][1], rows):
+                    block = np.empty((min(rows, bounds[0][1] - first), *shape[1:]), dtype)
+                    self._pread(fd, block, begin + first * strides[0], key)
+                    done = first - bounds[0][0]
+                    out[done:done + len(block)] = block[(slice(None), *index[1:])]
+                return out
+            runs = out.reshape(-1, math.prod(out.shape[lead:]))  # [number of runs, elements per run]
+            begin += bounds[lead][0] * strides[lead] if shape else 0
             for run, outer in zip(runs, itertools.product(*(range(a, b) for a, b in bounds[:lead]))):
-                buf = memoryview(run.view(np.uint8))
-                got = os.preadv(fd, [buf], begin + sum(i * st for i, st in zip(outer, strides)))
-                if got != len(buf):
-                    raise CheckpointError(f"{self.path}: short read of tensor {key!r} ({got} of {len(buf)} bytes)")
+                self._pread(fd, run, begin + sum(i * st for i, st in zip(outer, strides)), key)
         finally:
             os.close(fd)
         return out
+
+    def _pread(self, fd: int, into: np.ndarray, offset: int, key: str) -> None:
+        buf = memoryview(into.reshape(-1).view(np.uint8))
+        got = os.preadv(fd, [buf], offset)
+        if got != len(buf):
+            raise CheckpointError(f"{self.path}: short read of tensor {key!r} ({got} of {len(buf)} bytes)")
 
     def close(self):
         if self._mmap is not None:
