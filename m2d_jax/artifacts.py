@@ -101,10 +101,11 @@ def atomic_write(out: str | Path, write: Callable[[Path], Any], directory: bool 
 
     ``directory=False``: ``tmp`` is a path in ``out``'s directory for ``write`` to create as a file; in a
     multi-process run only process 0 writes it (every process holds the same content: statistics, selections,
-    reports), the others only check the path. ``directory=True``: ``tmp`` is an existing empty directory. In a multi-process run a
-    directory write is collective: every process calls this with the same ``out``, ``write`` runs on every process
-    with the same ``tmp`` (collective writers such as Orbax coordinate their shards; single files must be written
-    by ``is_primary_process()`` only), and process 0 renames once every process has finished writing.
+    reports), the others only check the path. ``directory=True``: ``tmp`` is an existing empty directory. In a
+    multi-process run a directory write is collective: every process calls this with the same ``out``, ``write``
+    runs on every process with the same ``tmp`` (collective writers such as Orbax coordinate their shards; single
+    files must be written by ``is_primary_process()`` only), and process 0 renames once every process has finished
+    writing.
     """
     out = check_outputs(out, overwrite=overwrite)[0]
     if directory and jax.process_count() > 1:

@@ -9,8 +9,9 @@ distributed runtime when the process is one of several, and does nothing for a s
 - an ``srun`` step of more than one task (``SLURM_STEP_NODELIST`` and ``SLURM_PROCID`` set, ``SLURM_NTASKS`` > 1):
   jax's own SLURM detection (coordinator = the step's first node, process id = ``SLURM_PROCID``, and one device per
   task, ``SLURM_LOCALID``; for one process per host owning all its GPUs set the three variables above instead);
-- a Cloud TPU VM slice of more than one host (``TPU_WORKER_HOSTNAMES`` lists several, or
-  ``MEGASCALE_COORDINATOR_ADDRESS`` is set): jax's own TPU detection;
+- a Cloud TPU VM (TPU chips on this machine's PCI bus, ``TPU_WORKER_HOSTNAMES`` listing several hosts, or
+  ``MEGASCALE_COORDINATOR_ADDRESS`` set): jax's own TPU detection (from the VM's metadata; one process on a
+  single-host slice);
 - otherwise (no variables, one host): nothing, one process.
 
 On CPU the cross-process collectives are gloo's (``jax_cpu_collectives_implementation``), set before the backend
@@ -48,15 +49,22 @@ def _int_env(name: str) -> int:
         raise MeshError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
-def launch_kind(environ=os.environ) -> str | None:
+def tpu_chips() -> int:
+    """TPU chips attached to this machine (PCI), without starting any backend."""
+    from jax._src import hardware_utils  # jax's own probe, the one its TPU initialisation uses
+
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0]
+
+
+def launch_kind(environ=os.environ, chips: int | None = None) -> str | None:
     """How this process was launched: "env" (the JAX_* variables), "slurm" (a multi-task SLURM step), "tpu" (a
-    multi-host Cloud TPU slice), or None (one process)."""
+    Cloud TPU VM; ``chips``: its TPU chips, default probed), or None (one process)."""
     if any(environ.get(k) for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)):
         return "env"
     if "SLURM_STEP_NODELIST" in environ and "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS") or 1) > 1:
         return "slurm"
     hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if len(hosts) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    if len(hosts) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS") or (tpu_chips() if chips is None else chips):
         return "tpu"
     return None
 

@@ -79,9 +79,10 @@ def test_two_processes_run_every_stage_like_one(tmp_path):
         assert r["ppl"]["tokens"] == one["ppl"]["tokens"] and r["tokens"] == one["tokens"]
 
     want, got = load_stats(tmp_path / "one" / "stats.npz"), load_stats(tmp_path / "two" / "stats.npz")
-    for name in want.sums._fields:
-        np.testing.assert_allclose(getattr(got.sums, name), getattr(want.sums, name), rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+    for name in want.sums._fields:  # float32 per-batch sums, reduced in another order across 2 processes
+        value = getattr(want.sums, name)
+        np.testing.assert_allclose(getattr(got.sums, name), value, rtol=1e-5,
+                                   atol=2e-6 * max(1.0, float(np.abs(value).max())), err_msg=name)
     rows = [json.loads(line) for line in (tmp_path / "two" / "distill" / "metrics.jsonl").read_text().splitlines()]
     want_rows = [json.loads(line) for line in (tmp_path / "one" / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by process 0
@@ -98,15 +99,16 @@ def test_two_processes_run_every_stage_like_one(tmp_path):
 
 
 def test_launch_kind_reads_the_launch_environment():
-    assert launch_kind({}) is None
+    assert launch_kind({}) is None  # this machine: no TPU chips
     assert launch_kind({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}) == "env"
     assert launch_kind({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}) == "env"
     slurm = {"SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
     assert launch_kind(slurm) == "slurm"
     assert launch_kind({**slurm, "SLURM_NTASKS": "1"}) is None  # one task: one process
     assert launch_kind({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) is None  # the batch script, not an srun step
-    assert launch_kind({"TPU_WORKER_HOSTNAMES": "t1,t2"}) == "tpu"
-    assert launch_kind({"TPU_WORKER_HOSTNAMES": "localhost"}) is None  # a single-host slice
+    assert launch_kind({"TPU_WORKER_HOSTNAMES": "t1,t2"}, chips=0) == "tpu"
+    assert launch_kind({}, chips=4) == "tpu"  # a TPU VM: jax's detection finds the slice's hosts
+    assert launch_kind({"TPU_WORKER_HOSTNAMES": "localhost"}, chips=0) is None  # no TPU here, one host listed
 
 
 @pytest.mark.parametrize("env, match", [
@@ -128,7 +130,8 @@ def test_bad_launch_variables_are_one_line_errors(monkeypatch, env, match):
 def test_one_process_launch_is_a_no_op(monkeypatch):
     from m2d_jax.distributed import initialize_distributed
 
-    for key, value in {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}.items():
+    launch = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}
+    for key, value in launch.items():
         monkeypatch.setenv(key, value)
     assert initialize_distributed() is False
     assert not jax.distributed.is_initialized() and jax.process_count() == 1

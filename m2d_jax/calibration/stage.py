@@ -6,6 +6,7 @@ import functools
 import logging
 import time
 
+import jax
 import numpy as np
 
 from m2d_jax.calibration.observe import accumulate
@@ -51,7 +52,8 @@ def calibrate(teacher: CausalLM, windows: np.ndarray, gram_tokens: int = 32768, 
     gram_tokens = min(gram_tokens, num_seqs * seq_len)
     shard_tokens = len(range(shard_index, num_seqs, shard_count)) * seq_len
     start = time.perf_counter()
-    with tqdm(total=shard_tokens, unit="tok", unit_scale=True, desc="calibrate", disable=not show_progress) as bar:
+    quiet = not show_progress or jax.process_index() != 0  # one bar per run, on process 0
+    with tqdm(total=shard_tokens, unit="tok", unit_scale=True, desc="calibrate", disable=quiet) as bar:
         place = None if mesh is None else functools.partial(global_batch, mesh=mesh, field="batch_size")
         sums = accumulate(teacher, calibration_batches(windows, batch_size, shard_index, shard_count), num_seqs,
                           gram_tokens, seed, gram_chunk, bar, place)

@@ -2,9 +2,9 @@
 
 A ``Rule`` ties one HF tensor key template to one or more parameter paths of the m2d_jax tree, with an invertible
 ``Transform`` between the HF tensor and the parameter slice(s); ``to_m2d_slice`` is the same map for one rectangular
-piece of a parameter slice, reading only the part of the HF tensor it needs (a sharded import). Layer rules are instantiated per layer (``{layer}``)
-and, for per-expert HF layouts, per expert (``{expert}``); the parameter slice is then ``param[layer_in_stack]`` or
-``param[layer_in_stack, expert]``.
+piece of a parameter slice, reading only the part of the HF tensor it needs (a sharded import). Layer rules are
+instantiated per layer (``{layer}``) and, for per-expert HF layouts, per expert (``{expert}``); the parameter slice
+is then ``param[layer_in_stack]`` or ``param[layer_in_stack, expert]``.
 """
 
 from __future__ import annotations
