@@ -135,3 +135,14 @@ def test_one_process_launch_is_a_no_op(monkeypatch):
         monkeypatch.setenv(key, value)
     assert initialize_distributed() is False
     assert not jax.distributed.is_initialized() and jax.process_count() == 1
+
+
+def test_every_command_starts_with_the_launch_check(monkeypatch, tmp_path, capsys):
+    """``m2d`` calls ``initialize_distributed`` before the command: bad launch variables fail in one line."""
+    from m2d_jax.cli import main
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["m2d info: error: environment: JAX_NUM_PROCESSES, JAX_PROCESS_ID not set; a multi-process launch "
+                   "needs JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID"]
