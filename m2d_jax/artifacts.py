@@ -202,7 +202,7 @@ class Provenance:
     ``source_hf_dir`` the HF directory at the root of that chain (tokenizer and generation config are copied from
     there on export). ``details`` holds what only one kind has (per-layer plans, a seed, training steps, ...).
     """
-    kind: str  # "imported" | "dense_student" | "random_ffn" | "distilled"
+    kind: str  # "imported" | "dense_student" | "random_ffn" | "pruned_dense" | "distilled"
     source_model: str | None = None
     source_hf_dir: str | None = None
     source_config_sha256: str | None = None  # sha256 of the root HF directory's config.json

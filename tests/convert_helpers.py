@@ -32,6 +32,11 @@ IDENTITY_TEACHERS = {
                    num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=4,
                    norm_topk_prob=False, clip_qkv=2.0, max_position_embeddings=64, tie_word_embeddings=False,
                    eos_token_id=0, pad_token_id=0, bos_token_id=0), "olmoe", 4 * 16),
+    # FlexOlmo: post-norm layers, full q/k norm, un-normalised top-k; student = OLMo2 (Olmo2ForCausalLM)
+    "flex_olmo": (dict(model_type="flex_olmo", vocab_size=128, hidden_size=48, intermediate_size=16,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                       num_experts_per_tok=4, norm_topk_prob=False, max_position_embeddings=64,
+                       tie_word_embeddings=False, eos_token_id=0, pad_token_id=0), "olmo2", 4 * 16),
     # Mixtral: old on-disk names, always renormalised, sliding window; student = Mixtral with 1 expert
     "mixtral": (dict(model_type="mixtral", vocab_size=128, hidden_size=48, intermediate_size=16, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_local_experts=4,

@@ -97,9 +97,9 @@ def any_checkpoint(hf_checkpoint, tmp_path_factory):
 
 
 # DeepSeek: group-limited top-k, rho = 1.5, shared experts; GPT-OSS: router bias, top-k over logits, expert biases
-# and clamped GLU; OLMoE: un-normalised weights.
+# and clamped GLU; OLMoE: un-normalised weights; FlexOlmo: post-norm layers (the MoE input is the raw residual).
 @pytest.mark.parametrize("name", ["moe_gqa_norm_mlponly", "moe_mha_tied_sparsestep", "ds_qlora_group_rho",
-                                  "gptoss_default_rope", "olmoe_clip"])
+                                  "gptoss_default_rope", "olmoe_clip", "flex_olmo_norm_topk"])
 def test_statistics_equal_transformers_forward(any_checkpoint, name):
     path = any_checkpoint(name)
     model = m2d_jax.from_pretrained(path)

@@ -140,7 +140,7 @@ def test_moe_teacher_export_round_trip(teacher_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name,k", [("deepseek_v2", 4), ("gpt_oss", 2), ("qwen3_moe_unnorm", 4), ("olmoe", 3),
-                                    ("mixtral", 2)])
+                                    ("mixtral", 2), ("flex_olmo", 3)])
 def test_family_student_and_teacher_export_round_trip(tmp_path, name, k):
     """Students of every family (DeepSeek: all-dense DeepseekV2 with shared experts and a padded layer 0; GPT-OSS:
     1-expert GptOss with interleaved gate_up and biases) and their teachers export to the standard transformers

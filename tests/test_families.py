@@ -1,4 +1,4 @@
-"""DeepSeek-V2, GPT-OSS, OLMoE and Mixtral (and their dense student forms) match transformers' own forward."""
+"""DeepSeek-V2, GPT-OSS, OLMoE, Mixtral and FlexOlmo (and their dense student forms) match transformers' own forward."""
 
 import json
 import shutil
@@ -61,6 +61,11 @@ FAMILY_CONFIGS = {
     "mixtral_sliding": dict(model_type="mixtral", vocab_size=128, hidden_size=64, intermediate_size=32,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                             num_experts_per_tok=2, sliding_window=5, max_position_embeddings=128),
+    # stock FlexOlmo: post-norm layers, full-projection q/k norm, renormalised top-3 of 5, tied, head_dim != d / H
+    "flex_olmo_norm_topk": dict(model_type="flex_olmo", vocab_size=128, hidden_size=64, intermediate_size=32,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                num_experts=5, num_experts_per_tok=3, norm_topk_prob=True, tie_word_embeddings=True,
+                                max_position_embeddings=128, pad_token_id=0, eos_token_id=1),
     # dense student forms (docs/METHOD.md §9): DeepSeek with every layer dense, GPT-OSS with one expert and top-1
     "ds_student_all_dense": _ds(first_k_dense_replace=3, n_routed_experts=8),
     "gptoss_student_one_expert": _gpt_oss(num_local_experts=1, num_experts_per_tok=1, intermediate_size=64),

@@ -150,6 +150,13 @@ def append_ffn(a: DenseFFN, b: DenseFFN) -> DenseFFN:
                     bias(a.gate_bias, b.gate_bias), bias(a.up_bias, b.up_bias), down_bias)
 
 
+def scale_output(ffn: DenseFFN, scale: float) -> DenseFFN:
+    """The FFN whose output is ``scale`` times ``ffn``'s (down projection and down bias scaled)."""
+    if scale == 1:
+        return ffn
+    return ffn._replace(down=ffn.down * scale, down_bias=None if ffn.down_bias is None else ffn.down_bias * scale)
+
+
 def pad_ffn(ffn: DenseFFN, width: int, where: str) -> DenseFFN:
     """Zero-pad a dense FFN to ``width`` neurons (zero gate/up rows, zero down columns: the same function,
     docs/METHOD.md §9).

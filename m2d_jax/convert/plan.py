@@ -59,7 +59,7 @@ def plan_conversion(teacher: CausalLM, selected, weight_scores, k: int, grouping
 
     selected [L_moe, K]: chosen experts per MoE layer, best first; weight_scores [L_moe, E]: scores for merge
     weights and proportional DP. ``routed_mass`` [L_moe]: E_t[sum_e w_e] per layer (needed only for un-normalised
-    routers; 1 for normalised ones). ``conditional_prob`` [L_moe, E]: needed only by the conditional_prob DP rule.
+    routers; rho for normalised ones). ``conditional_prob`` [L_moe, E]: needed only by the conditional_prob DP rule.
     ``stats`` supplies what the grouping method needs (Z for router_cluster / dominant_expert, mu for
     output_cluster).
     """
@@ -80,8 +80,8 @@ def plan_conversion(teacher: CausalLM, selected, weight_scores, k: int, grouping
             raise ValueError(f"selected experts {row.tolist()} must be distinct ids in "
                              f"[0, {config.moe.experts.num_experts})")
     normalized = rule.normalized_router(config)
-    if normalized:
-        routed_mass = np.ones(len(moe_layers))
+    if normalized:  # weights sum to rho (routed_scaling_factor: 1, or FlexOlmo shared_mlp's k/(k+1)) per token
+        routed_mass = np.full(len(moe_layers), rule.routed_scaling_factor(config))
     elif routed_mass is None:
         raise ValueError(f"the {config.family} teacher's router weights are not normalised: DP scaling needs the "
                          f"mean routed mass per token from the calibration statistics")

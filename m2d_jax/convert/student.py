@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from m2d_jax.convert.dense import DenseFFN, LayerPlan, concat_experts, pad_ffn
+from m2d_jax.convert.dense import DenseFFN, LayerPlan, concat_experts, pad_ffn, scale_output
 from m2d_jax.models import CausalLM, ExpertWeights, ModelConfig, MoESpec, abstract_model
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,11 @@ def _all_dense(teacher: ModelConfig, width: int, family: str | None = None) -> M
                            ffn_kinds=("dense",) * teacher.num_layers, moe=None)
 
 
+def _llama(teacher: ModelConfig, width: int) -> ModelConfig:
+    """FlexOlmo pre-norm variants -> Llama: all dense, Llama's RMSNorm (weight applied after the cast back)."""
+    return _all_dense(teacher, width, "llama").replace(norm=teacher.norm.replace(weight_in_float32=False))
+
+
 def _one_expert(teacher: ModelConfig, width: int) -> ModelConfig:
     """GPT-OSS student form (docs/METHOD.md §9): every layer one routed expert of ``width``, top-1, the router kept."""
     moe = MoESpec(router=teacher.moe.router.replace(top_k=1),
@@ -97,6 +102,19 @@ STUDENT_RULES: dict[str, StudentRule] = {
         student_config=_one_expert, expert_paths={**_EXPERTS, **_EXPERT_BIASES},
         dense_paths={}, student_paths={**_EXPERTS, **_EXPERT_BIASES},
         zero_paths=(("moe", "router"), ("moe", "router_bias"))),
+    # FlexOlmo -> OLMo2 (same post-norm layers and full q/k norm); normalised iff norm_topk_prob
+    "flex_olmo": StudentRule(
+        student_config=lambda teacher, width: _all_dense(teacher, width, "olmo2"), expert_paths=_EXPERTS,
+        dense_paths=_SWIGLU_DENSE, student_paths=_SWIGLU_DENSE,
+        normalized_router=lambda config: config.moe.router.norm_topk_prob),
+    # FlexOlmo pre-norm variants -> Llama; the shared expert is appended with its own weight (experts.shared_scale:
+    # 1 for the router's always-on last expert, 1/(k+1) for shared_mlp), routed groups carry rho = k/(k+1) in the
+    # second through their DP scales
+    **{family: StudentRule(
+        student_config=_llama, expert_paths=_EXPERTS, dense_paths=_SWIGLU_DENSE, student_paths=_SWIGLU_DENSE,
+        shared_paths=_named(("moe", "shared"), leaf=("kernel",)),
+        normalized_router=lambda config: config.moe.router.norm_topk_prob)
+       for family in ("flex_olmo_noqknorm_prenorm", "flex_olmo_noqknorm_prenorm_shared")},
     # OLMoE and Mixtral: no dense class shares their attention exactly (OLMoE's full q/k norm, clip_qkv), so the
     # student is the same class with one expert (softmax over one logit = 1), like GPT-OSS
     **{family: StudentRule(
@@ -158,7 +176,9 @@ def student_ffns(teacher: CausalLM, plans: dict[int, LayerPlan], rule: StudentRu
             used = np.flatnonzero(plan.alpha.any(axis=0))  # the K selected experts: only these are read
             experts = layers.ffn(layer, rule.expert_paths, ExpertWeights)
             experts = ExpertWeights(*(None if x is None else x[used] for x in experts))
-            shared = layers.ffn(layer, rule.shared_paths, DenseFFN) if rule.shared_paths else None
+            shared = None
+            if rule.shared_paths:
+                shared = scale_output(layers.ffn(layer, rule.shared_paths, DenseFFN), config.moe.experts.shared_scale)
             ffn = concat_experts(experts, jnp.asarray(plan.alpha[:, used], jnp.float32),
                                  jnp.asarray(plan.scales, jnp.float32), shared)
         else:

@@ -171,6 +171,27 @@ class InterleavedGateUp(Transform):
 
 
 @dataclasses.dataclass(frozen=True)
+class RouterUnusedRows(Transform):
+    """A router weight [E + unused, in] whose last ``unused`` rows never change the output <-> kernel [in, E].
+
+    FlexOlmo's pre-norm variant with one shared expert: its logit is the last row, and its weight is a softmax over
+    that one logit, exactly 1 whatever the row holds; the model keeps the routed rows, export writes zeros there.
+    """
+    unused: int = 1
+
+    def hf_shape(self, shapes):
+        d, e = shapes[0]
+        return (e + self.unused, d)
+
+    def to_m2d(self, tensor, shapes):
+        return (tensor[:shapes[0][1]].T,)
+
+    def to_hf(self, arrays):
+        kernel = arrays[0]  # [in, E]
+        return np.concatenate([kernel.T, np.zeros((self.unused, kernel.shape[0]), kernel.dtype)])
+
+
+@dataclasses.dataclass(frozen=True)
 class Rule:
     hf: str  # key template; {layer} = global layer index, {expert} = expert index
     paths: tuple[Path, ...]  # parameter paths, relative to the model (global rules) or to a layer (layer rules)

@@ -33,6 +33,8 @@ TOPK_METHODS = ("greedy", "group_limited_greedy")
 ACTIVATIONS = ("silu", "clamped_swiglu")
 DISPATCHES = ("auto", "capacity", "blocks", "ragged", "dense")
 QK_NORMS = ("none", "head", "full")  # full: RMSNorm over the whole q / k projection (OLMoE)
+# pre: x + f(norm(x)) (Llama and most families); post: x + norm(f(x)) (OLMo2, FlexOlmo: norms after attention / FFN)
+NORM_PLACEMENTS = ("pre", "post")
 ROPE_TYPES = ("default", "yarn")
 DTYPES = ("float32", "bfloat16")
 
@@ -178,10 +180,12 @@ class RopeSpec(_Spec):
 @dataclasses.dataclass(frozen=True)
 class NormSpec(_Spec):
     eps: float = 1e-6
-    weight_in_float32: bool = False  # RMSNorm multiplies its weight before the cast back (GPT-OSS)
+    weight_in_float32: bool = False  # RMSNorm multiplies its weight before the cast back (GPT-OSS, OLMo2)
+    placement: str = "pre"  # one of NORM_PLACEMENTS: where each layer's two norms sit around attention and FFN
 
     def __post_init__(self):
         _positive(self, "eps")
+        _one_of(self, "placement", NORM_PLACEMENTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +208,7 @@ class RouterSpec(_Spec):
     rule: str = "softmax_topk"  # one of ROUTERS
     norm_topk_prob: bool = False  # softmax_topk: renormalise the k selected probabilities
     bias: bool = False  # a bias on the router logits (GPT-OSS)
-    routed_scaling_factor: float = 1.0  # softmax_topk_scaled: weights = p * factor
+    routed_scaling_factor: float = 1.0  # every rule: applied weights x factor (DeepSeek rho; FlexOlmo k/(k+1))
     topk_method: str = "greedy"  # one of TOPK_METHODS
     n_group: int = 1  # group_limited_greedy: experts in n_group groups, the best topk_group compete
     topk_group: int = 1
@@ -220,10 +224,11 @@ class ExpertsSpec(_Spec):
     num_experts: int
     intermediate_size: int  # width of each routed expert
     bias: bool = False  # biases on the routed experts' projections (GPT-OSS)
-    shared_size: int = 0  # total width of the always-on shared experts (DeepSeek), 0 = none
+    shared_size: int = 0  # total width of the always-on shared experts (DeepSeek, FlexOlmo variants), 0 = none
+    shared_scale: float = 1.0  # weight of the shared experts' output: 1 (DeepSeek), 1/(k+1) (FlexOlmo shared_mlp)
 
     def __post_init__(self):
-        _positive(self, "num_experts", "intermediate_size")
+        _positive(self, "num_experts", "intermediate_size", "shared_scale")
         _need(self, self.shared_size >= 0, f"shared_size={self.shared_size} must be >= 0")
 
 

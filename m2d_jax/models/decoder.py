@@ -16,14 +16,19 @@ from m2d_jax.models.moe import MoE
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense or MoE (``kind``)."""
+    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)); or post-norm (``norm.placement == "post"``, OLMo2):
+    x + norm(attn(x)), then + norm(ffn(x)). The FFN is dense or MoE (``kind``)."""
 
     def __init__(self, config: ModelConfig, runtime: RuntimeConfig, kind: str, rngs: nnx.Rngs):
         dt = dtype_of(runtime.param_dtype)
         self.kind = kind
-        self.input_norm = rms_norm(config.norm, config.hidden_size, dt, rngs)
+        self.post_norm = config.norm.placement == "post"
+        if not self.post_norm:
+            self.input_norm = rms_norm(config.norm, config.hidden_size, dt, rngs)
         self.attn = (MLAttention if config.attention.kind == "mla" else Attention)(config, dt, rngs)
-        self.post_attn_norm = rms_norm(config.norm, config.hidden_size, dt, rngs)
+        self.post_attn_norm = rms_norm(config.norm, config.hidden_size, dt, rngs)  # post-norm: on the attention out
+        if self.post_norm:
+            self.post_ffn_norm = rms_norm(config.norm, config.hidden_size, dt, rngs)
         if kind == "moe":
             self.moe = MoE(config, runtime, rngs)
         else:
@@ -31,17 +36,18 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, observe=None, cache=None, cache_index=None):
         """x: [B, T, d] -> (x', the MoE observation or None), plus the updated attention cache when given one."""
+        h = x if self.post_norm else self.input_norm(x)
         if cache is None:
-            x = x + self.attn(self.input_norm(x), cos, sin, mask)
+            attn = self.attn(h, cos, sin, mask)
         else:
-            attn, cache = self.attn(self.input_norm(x), cos, sin, mask, cache=cache, cache_index=cache_index)
-            x = x + attn
-        h = self.post_attn_norm(x)
+            attn, cache = self.attn(h, cos, sin, mask, cache=cache, cache_index=cache_index)
+        x = x + (self.post_attn_norm(attn) if self.post_norm else attn)
+        h = x if self.post_norm else self.post_attn_norm(x)
         if self.kind == "moe":
             y, observation = self.moe(h, observe)
-            x = x + y
         else:
-            x, observation = x + self.mlp(h), None
+            y, observation = self.mlp(h), None
+        x = x + (self.post_ffn_norm(y) if self.post_norm else y)
         return (x, observation) if cache is None else (x, observation, cache)
 
 

@@ -61,7 +61,7 @@ class Routing(NamedTuple):
 
 class MoEView(NamedTuple):
     """What an observer sees inside one MoE layer (tokens flattened: T = batch * seq)."""
-    x: jax.Array  # [T, d] MoE input (after the post-attention norm), compute dtype
+    x: jax.Array  # [T, d] MoE input (the normed residual; the raw residual in post-norm layers), compute dtype
     routing: Routing
     expert_out: jax.Array  # [T, k, d] unweighted outputs of the selected experts
     experts: ExpertWeights  # this layer's expert weights, compute dtype
@@ -238,7 +238,8 @@ def _unsort(y_sorted, order):
 
 class MoE(nnx.Module):
     """Routed SwiGLU experts stacked on a leading expert axis, a linear router (+ bias), and optional always-on
-    shared experts (one dense MLP of width ``experts.shared_size``, added with weight 1). The runtime chooses the
+    shared experts (one dense MLP of width ``experts.shared_size``, added with weight ``experts.shared_scale``: 1,
+    or 1/(k+1) in FlexOlmo's shared_mlp variant, whose routed weights carry k/(k+1)). The runtime chooses the
     dispatch and may expand the routing to ``runtime.top_k`` experts per token."""
 
     def __init__(self, config: ModelConfig, runtime: RuntimeConfig, rngs: nnx.Rngs):
@@ -272,8 +273,12 @@ class MoE(nnx.Module):
         if r.bias:
             logits = logits + self.router_bias[...].astype(x.dtype)
         if r.rule == "topk_softmax":
-            return route_topk_softmax(logits, self.top_k)
-        return route_softmax_topk(logits, self.top_k, r.norm_topk_prob)
+            routing = route_topk_softmax(logits, self.top_k)
+        else:
+            routing = route_softmax_topk(logits, self.top_k, r.norm_topk_prob)
+        if r.routed_scaling_factor != 1:  # FlexOlmo's shared_mlp variant: routed part weighted k/(k+1)
+            routing = routing._replace(top_weight=routing.top_weight * r.routed_scaling_factor)
+        return routing
 
     def expert_weights(self, dtype) -> ExpertWeights:
         names = ("gate_proj", "up_proj", "down_proj") + (("gate_bias", "up_bias", "down_bias")
@@ -291,7 +296,8 @@ class MoE(nnx.Module):
         outs = expert_outputs(rt.moe_dispatch, flat, routing.top_idx, experts, act, rt.capacity_factor,
                               rt.moe_block_size, rt.moe_blocks_per_step)  # [B*T, k, d]
         y = jnp.einsum("tk,tkd->td", routing.top_weight.astype(x.dtype), outs)
-        if self.config.moe.experts.shared_size:
-            y = y + self.shared(flat)
+        spec = self.config.moe.experts
+        if spec.shared_size:
+            y = y + (self.shared(flat) if spec.shared_scale == 1 else spec.shared_scale * self.shared(flat))
         observation = observe(MoEView(flat, routing, outs, experts, act)) if observe is not None else None
         return y.reshape(b, t, d), observation

@@ -10,12 +10,14 @@ torch; missing keys take the defaults of the transformers config class, and both
 
 from m2d_jax.hf.adapters.common import IGNORED_KEY_SUFFIXES, DecoderAdapter
 from m2d_jax.hf.adapters.deepseek_v2 import DeepseekV2Adapter
+from m2d_jax.hf.adapters.flex_olmo import FlexOlmoAdapter, FlexOlmoPrenormAdapter
 from m2d_jax.hf.adapters.gpt_oss import GptOssAdapter
 from m2d_jax.hf.adapters.olmoe import OlmoeMixtralAdapter
 from m2d_jax.hf.adapters.qwen3 import Qwen3Adapter
 from m2d_jax.errors import CheckpointError
 
-ADAPTERS = {t: a for a in (Qwen3Adapter(), DeepseekV2Adapter(), GptOssAdapter(), OlmoeMixtralAdapter())
+ADAPTERS = {t: a for a in (Qwen3Adapter(), DeepseekV2Adapter(), GptOssAdapter(), OlmoeMixtralAdapter(),
+                           FlexOlmoAdapter(), FlexOlmoPrenormAdapter())
             for t in a.model_types}
 
 
