@@ -99,15 +99,19 @@ def atomic_write(out: str | Path, write: Callable[[Path], Any], directory: bool 
                  overwrite: bool = False) -> Path:
     """Run ``write(tmp)`` and rename ``tmp`` to ``out`` only if it succeeds; returns the absolute ``out``.
 
-    ``directory=False``: ``tmp`` is a path in ``out``'s directory for ``write`` to create as a file; written by the
-    calling process alone. ``directory=True``: ``tmp`` is an existing empty directory. In a multi-process run a
-    directory write is collective: every process calls this with the same ``out``, ``write`` runs on every process
-    with the same ``tmp`` (collective writers such as Orbax coordinate their shards; single files must be written
-    by ``is_primary_process()`` only), and process 0 renames once every process has finished writing.
+    ``directory=False``: ``tmp`` is a path in ``out``'s directory for ``write`` to create as a file; in a
+    multi-process run only process 0 writes it (every process holds the same content: statistics, selections,
+    reports), the others only check the path. ``directory=True``: ``tmp`` is an existing empty directory. In a
+    multi-process run a directory write is collective: every process calls this with the same ``out``, ``write``
+    runs on every process with the same ``tmp`` (collective writers such as Orbax coordinate their shards; single
+    files must be written by ``is_primary_process()`` only), and process 0 renames once every process has finished
+    writing.
     """
     out = check_outputs(out, overwrite=overwrite)[0]
     if directory and jax.process_count() > 1:
         return _atomic_directory_collective(out, write)
+    if not directory and not is_primary_process():
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -401,9 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from m2d_jax.distributed import initialize_distributed
     from m2d_jax.errors import CheckpointError
 
     try:
+        initialize_distributed()  # multi-host (TPU pod, SLURM, JAX_* variables); nothing for one process
         return args.func(args)
     except (CheckpointError, FileExistsError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"m2d {args.command}: error: {err}", file=sys.stderr)

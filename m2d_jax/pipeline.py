@@ -53,13 +53,17 @@ def source_provenance(model_path: str | Path) -> dict:
 
 
 def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
-                      overwrite: bool = False) -> Path:
-    """``m2d import``: stream an HF checkpoint into an m2d_jax (Orbax) checkpoint directory."""
+                      overwrite: bool = False, mesh=None) -> Path:
+    """``m2d import``: stream an HF checkpoint into an m2d_jax (Orbax) checkpoint directory. With a ``mesh``
+    (default in a multi-process run: every device on ``fsdp``) each process reads and writes only its shards."""
     from m2d_jax import checkpoint
+    from m2d_jax.distill.train import load_for_mesh
+    from m2d_jax.distributed import stage_mesh
     from m2d_jax.hf import load_hf
 
     check_outputs(out_dir, overwrite=overwrite)
-    model = load_hf(Path(hf_dir), dtype=dtype)
+    mesh = stage_mesh(mesh)
+    model = load_hf(Path(hf_dir), dtype=dtype) if mesh is None else load_for_mesh(hf_dir, mesh, dtype)[0]
     provenance = Provenance("imported", **source_provenance(hf_dir))
     return checkpoint.save_model(model, out_dir, provenance.to_dict(), overwrite=overwrite)
 
@@ -84,14 +88,17 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
                     seq_len: int = 2048, num_seqs: int = 512, gram_tokens: int = 32768, batch_size: int = 8,
                     seed: int = 0, gram_chunk: int = 256, tokenizer_dir: str | Path | None = None,
                     text_field: str = "text", shard_index: int = 0, shard_count: int = 1, dtype: str = "float32",
-                    mesh: dict | None = None, show_progress: bool = True, overwrite: bool = False) -> CalibrationStats:
+                    show_progress: bool = True, overwrite: bool = False, mesh=None) -> CalibrationStats:
     """``m2d calibrate``: statistics of the teacher at ``model_path`` on local text files, saved to ``out`` if given.
 
     The calibration set is ``num_seqs`` packed windows of ``seq_len`` tokens chosen with ``seed``; this call
     processes shard ``shard_index`` of ``shard_count`` (combine the shards' results with ``combine_stats``).
-    ``mesh`` (axis sizes, e.g. from a mesh config) shards the teacher over the devices by the sharding rules.
+    ``mesh`` (a ``Mesh`` or axis sizes; default in a multi-process run: all devices on ``fsdp``,
+    ``distributed.stage_mesh``) imports the teacher sharded onto it and splits every batch over it; the statistics
+    are those of the whole batch on every process, and process 0 writes ``out``.
     """
     from m2d_jax.calibration import calibrate, save_stats
+    from m2d_jax.distributed import stage_mesh
     from m2d_jax.info import load_config
 
     check_outputs(out, overwrite=overwrite)
@@ -106,10 +113,11 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
         raise ValueError(f"{model_path}: {config.family} model has no MoE layers to calibrate")
     windows = calibration_set(model_path, config.vocab_size, data_files, seq_len, num_seqs, seed, tokenizer_dir,
                               text_field)
+    mesh = stage_mesh(mesh)
     teacher = load_model(model_path, dtype, mesh)
     stats = calibrate(teacher, windows, gram_tokens=gram_tokens, batch_size=batch_size, seed=seed,
                       gram_chunk=gram_chunk, shard_index=shard_index, shard_count=shard_count,
-                      show_progress=show_progress)
+                      show_progress=show_progress, mesh=mesh)
     stats = CalibrationStats(stats.sums, {**stats.metadata, "model_path": str(Path(model_path).absolute()),
                                           "data_files": [str(Path(f).absolute()) for f in data_files]})
     if out is not None:
@@ -117,17 +125,18 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
     return stats
 
 
-def load_model(model_path: str | Path, dtype: str, mesh: dict | None = None):
-    """``from_pretrained(model_path, dtype=dtype)``, or with ``mesh`` (axis sizes) its parameters placed on a device
-    mesh by the sharding rules (``distill.load_for_mesh``): the one loader of the stages that take ``--mesh``."""
+def load_model(model_path: str | Path, dtype: str | None, mesh=None, **runtime_fields):
+    """``from_pretrained(model_path, dtype=dtype)``, or with ``mesh`` (a ``Mesh`` or axis sizes,
+    ``distributed.stage_mesh``) its parameters imported sharded onto the mesh by the sharding rules, each process
+    reading only its slices (``distill.load_for_mesh``): the one loader of the stages that take ``--mesh``."""
     import m2d_jax
 
     if mesh is None:
-        return m2d_jax.from_pretrained(model_path, dtype=dtype)
-    from m2d_jax.distill.sharding import make_mesh
+        return m2d_jax.from_pretrained(model_path, dtype=dtype, **runtime_fields)
     from m2d_jax.distill.train import load_for_mesh
+    from m2d_jax.distributed import stage_mesh
 
-    return load_for_mesh(model_path, make_mesh(mesh), dtype)[0]
+    return load_for_mesh(model_path, stage_mesh(mesh), dtype, **runtime_fields)[0]
 
 
 def load_statistics(paths: str | Path | Sequence[str | Path]) -> CalibrationStats:

@@ -23,6 +23,7 @@ import numpy as np
 
 from m2d_jax.calibration.sampling import gram_positions, gram_slots
 from m2d_jax.calibration.types import StatSums
+from m2d_jax.distributed import to_host
 from m2d_jax.models import all_expert_outputs
 
 
@@ -113,11 +114,12 @@ def batch_sums(model, input_ids, attention_mask, gram_index, gram_valid, chunk: 
 
 
 def accumulate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], num_seqs: int,
-               gram_tokens: int, seed: int = 0, chunk: int = 256, progress=None) -> StatSums:
+               gram_tokens: int, seed: int = 0, chunk: int = 256, progress=None, place=None) -> StatSums:
     """Float64 host sums over ``batches`` of (input_ids [B, T], attention_mask [B, T], seq_ids [B]).
 
     ``num_seqs`` is the size of the whole calibration set (all shards), which fixes each sequence's Gram quota.
-    ``progress`` (a tqdm bar or None) is advanced by the valid tokens of each batch.
+    ``progress`` (a tqdm bar or None) is advanced by the valid tokens of each batch. ``place(rows)`` puts a host
+    batch on the devices (e.g. sharded over a mesh: ``distributed.global_batch``; default: as is).
     """
     c = model.config
     total = StatSums.zeros(len(c.moe_layers), c.moe.experts.num_experts, c.hidden_size)
@@ -125,14 +127,15 @@ def accumulate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray
 
     def fetch(result, tokens):
         nonlocal total
-        total = total + StatSums(*(np.asarray(x, np.float64) for x in jax.device_get(result)))
+        total = total + StatSums(*(to_host(x).astype(np.float64) for x in result))
         if progress is not None:
             progress.update(tokens)
 
     for ids, mask, seq_ids in batches:
         slots = gram_slots(ids.shape[0], num_seqs, gram_tokens, ids.shape[1], chunk)
         index, valid = gram_positions(mask, seq_ids, num_seqs, gram_tokens, seed, slots)
-        result = batch_sums(model, ids, mask, index, valid, chunk), int(np.asarray(mask).sum())
+        placed = (ids, mask) if place is None else (place(ids), place(mask))
+        result = batch_sums(model, *placed, index, valid, chunk), int(np.asarray(mask).sum())
         if pending is not None:
             fetch(*pending)
         pending = result

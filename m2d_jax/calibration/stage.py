@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
+import jax
 import numpy as np
 
 from m2d_jax.calibration.observe import accumulate
 from m2d_jax.calibration.sampling import calibration_batches
 from m2d_jax.calibration.types import FORMAT, CalibrationStats, config_hash
+from m2d_jax.distributed import global_batch
 from m2d_jax.models import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -17,12 +20,18 @@ logger = logging.getLogger(__name__)
 
 def calibrate(teacher: CausalLM, windows: np.ndarray, gram_tokens: int = 32768, batch_size: int = 8, seed: int = 0,
               gram_chunk: int = 256, shard_index: int = 0, shard_count: int = 1,
-              show_progress: bool = False) -> CalibrationStats:
+              show_progress: bool = False, mesh=None) -> CalibrationStats:
     """Statistics of ``teacher`` on the calibration set ``windows`` [N, T] (token ids, every position valid).
 
     The Gram subsample has ``min(gram_tokens, N * T)`` positions chosen with ``seed`` (see ``sampling``); this call
     processes shard ``shard_index`` of ``shard_count`` of the windows (combine the shards' results with
     ``combine_stats``). Tokenising text files into windows is ``m2d_jax.pipeline.calibrate_files``' job.
+
+    With a ``mesh`` (the teacher's parameters placed on it, e.g. by ``distill.train.load_for_mesh``), each batch is
+    split over the mesh's batch axes, every process placing its own rows (``distributed.global_batch``): the
+    per-batch sums are reduced across devices and processes inside the jitted step, so every process of a
+    multi-process run returns the same statistics of the whole batch. ``batch_size`` must divide over the batch
+    axes.
     """
     from tqdm.auto import tqdm
 
@@ -43,9 +52,11 @@ def calibrate(teacher: CausalLM, windows: np.ndarray, gram_tokens: int = 32768, 
     gram_tokens = min(gram_tokens, num_seqs * seq_len)
     shard_tokens = len(range(shard_index, num_seqs, shard_count)) * seq_len
     start = time.perf_counter()
-    with tqdm(total=shard_tokens, unit="tok", unit_scale=True, desc="calibrate", disable=not show_progress) as bar:
+    quiet = not show_progress or jax.process_index() != 0  # one bar per run, on process 0
+    with tqdm(total=shard_tokens, unit="tok", unit_scale=True, desc="calibrate", disable=quiet) as bar:
+        place = None if mesh is None else functools.partial(global_batch, mesh=mesh, field="batch_size")
         sums = accumulate(teacher, calibration_batches(windows, batch_size, shard_index, shard_count), num_seqs,
-                          gram_tokens, seed, gram_chunk, bar)
+                          gram_tokens, seed, gram_chunk, bar, place)
     seconds = time.perf_counter() - start
     logger.info("calibration: %d tokens in %.1f s (%.0f tokens/s, incl. compile)", sums.tokens[0], seconds,
                 sums.tokens[0] / max(seconds, 1e-9))

@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from m2d_jax.data import DataError
+from m2d_jax.distributed import global_batch, stage_mesh
 from m2d_jax.eval.scoring import target_logprobs
 
 log = logging.getLogger(__name__)
@@ -56,11 +58,13 @@ def perplexity_windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple
 
 
 def perplexity(model, tokens: np.ndarray, seq_len: int = 2048, stride: int | None = None,
-               batch_size: int = 8) -> PerplexityResult:
+               batch_size: int = 8, mesh=None) -> PerplexityResult:
     """Token-level perplexity of ``model`` on one token stream ``tokens`` [N] (see the module docstring).
 
     Windows are batched as [batch_size, seq_len] (the last window right-padded, the last batch padded with empty
-    rows), so the forward compiles once.
+    rows), so the forward compiles once. With a ``mesh`` (the model's parameters placed on it), each batch is split
+    over the mesh's batch axes, every process placing its own rows (``distributed.global_batch``); every process
+    gets the log-probabilities of the whole batch and so the same result.
     """
     stride = seq_len if stride is None else stride
     max_pos = model.config.max_position_embeddings
@@ -87,9 +91,12 @@ def perplexity(model, tokens: np.ndarray, seq_len: int = 2048, stride: int | Non
     from tqdm import tqdm
 
     nll, start = 0.0, time.perf_counter()
-    for i in tqdm(range(0, num_rows, batch_size), desc="perplexity", unit="batch"):
+    for i in tqdm(range(0, num_rows, batch_size), desc="perplexity", unit="batch", disable=jax.process_index() != 0):
         rows = slice(i, i + batch_size)
-        logprob, _ = target_logprobs(model, inputs[rows], targets[rows], mask[rows])
+        batch = [inputs[rows], targets[rows], mask[rows]]
+        if mesh is not None:
+            batch = [global_batch(x, mesh, "batch_size") for x in batch]
+        logprob, _ = target_logprobs(model, *batch)
         nll -= float(np.sum(logprob.astype(np.float64), where=scored[rows]))
     count = int(scored.sum())
     elapsed = time.perf_counter() - start
@@ -101,25 +108,25 @@ def perplexity(model, tokens: np.ndarray, seq_len: int = 2048, stride: int | Non
 
 def evaluate_perplexity(model_path: str | Path, files: Sequence[str | Path], seq_len: int = 2048,
                         stride: int | None = None, batch_size: int = 8, dtype: str = "float32",
-                        text_field: str = "text", tokenizer_path: str | Path | None = None,
-                        mesh: dict | None = None, **config_overrides) -> PerplexityResult:
+                        text_field: str = "text", tokenizer_path: str | Path | None = None, mesh=None,
+                        **config_overrides) -> PerplexityResult:
     """``m2d eval ppl``: load the model, read local text/jsonl/parquet ``files``, join the documents with "\\n\\n",
     tokenise once with the model directory's tokenizer (or ``tokenizer_path``) and compute ``perplexity``.
-    ``mesh`` (axis sizes) shards the model over the devices by the sharding rules."""
-    from m2d_jax import from_pretrained
+
+    ``mesh`` (a ``Mesh`` or axis sizes; default in a multi-process run: all devices on ``fsdp``,
+    ``distributed.stage_mesh``) imports the model sharded onto it and splits every batch over it. Every process
+    tokenises the whole stream (the windows depend on all of it) and places its own rows of each batch."""
     from m2d_jax.data import load_tokenizer, read_documents
+    from m2d_jax.pipeline import load_model
 
     docs = read_documents(files, text_field=text_field)
     tokenizer = load_tokenizer(tokenizer_path or model_path)
-    if mesh is not None:
-        from m2d_jax.pipeline import load_model
-
-        model = load_model(model_path, dtype, mesh)
-    else:
-        model = from_pretrained(model_path, dtype=dtype, **config_overrides)
+    mesh = stage_mesh(mesh)
+    model = load_model(model_path, dtype, mesh, **config_overrides)
     max_pos = model.config.max_position_embeddings
     if seq_len > max_pos:  # before tokenising a large corpus
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={max_pos}")
     (ids,) = tokenizer.encode_batch(["\n\n".join(docs)])
     log.info("perplexity data: %d documents, %d tokens", len(docs), len(ids))
-    return perplexity(model, np.asarray(ids, np.int32), seq_len=seq_len, stride=stride, batch_size=batch_size)
+    return perplexity(model, np.asarray(ids, np.int32), seq_len=seq_len, stride=stride, batch_size=batch_size,
+                      mesh=mesh)

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m2d_jax.distributed import to_host
+
 LOGITS_CHUNK = 2048  # tokens per LM-head chunk: bounds the float32 logits buffer to LOGITS_CHUNK x vocab
 
 
@@ -60,12 +62,3 @@ def target_logprobs(model, inputs, targets, attention_mask) -> tuple[np.ndarray,
                                        jnp.asarray(targets, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
                                        chunk=LOGITS_CHUNK)
     return to_host(logprob), to_host(greedy)
-
-
-def to_host(x) -> np.ndarray:
-    """A (possibly multi-host sharded) array as a NumPy array on every process."""
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)

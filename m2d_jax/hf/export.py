@@ -10,6 +10,7 @@ a temporary directory that is renamed to ``out_dir`` only when complete.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import shutil
@@ -21,7 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from m2d_jax.artifacts import atomic_directory, check_outputs
+from m2d_jax.artifacts import atomic_directory, check_outputs, is_primary_process
 from m2d_jax.hf.adapters import adapter_for
 from m2d_jax.hf.load import hf_tensors
 from m2d_jax.errors import CheckpointError
@@ -135,6 +136,9 @@ def export_model(model: CausalLM, out_dir: str | Path, tokenizer_from: str | Pat
     started = time.perf_counter()
 
     def write(tmp: Path):
+        if not is_primary_process():  # multi-process: process 0 writes; the others join in gathering the tensors
+            collections.deque(hf_tensors(model), maxlen=0)
+            return
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         write_sharded(tmp, hf_tensors(model), max_shard_bytes, progress, total_bytes)
         for path in copied:
@@ -151,10 +155,14 @@ def export_model(model: CausalLM, out_dir: str | Path, tokenizer_from: str | Pat
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, tokenizer_from: str | Path | None = None,
                       dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      overwrite: bool = False, progress: bool = True) -> Path:
+                      overwrite: bool = False, progress: bool = True, mesh=None) -> Path:
     """``m2d export``: an m2d_jax checkpoint -> HF directory. Tokenizer files come from ``tokenizer_from`` or the
-    teacher directory recorded in the checkpoint's metadata; ``dtype`` casts the weights (default: as saved)."""
+    teacher directory recorded in the checkpoint's metadata; ``dtype`` casts the weights (default: as saved).
+    ``mesh`` (default in a multi-process run: all devices on ``fsdp``, ``distributed.stage_mesh``) restores the
+    checkpoint sharded onto it; the tensors are then gathered one leaf at a time and process 0 writes."""
     from m2d_jax import checkpoint
+    from m2d_jax.distill.train import load_for_mesh
+    from m2d_jax.distributed import stage_mesh
 
     out_dir = Path(out_dir)
     check_outputs(out_dir, overwrite=overwrite)
@@ -162,5 +170,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, tokenizer
         raise CheckpointError(f"{checkpoint_dir}: not an m2d_jax checkpoint (no {checkpoint.RECORD})")
     if tokenizer_from is None:
         tokenizer_from = teacher_hf_dir(checkpoint.load_metadata(checkpoint_dir))
-    model = checkpoint.load_model(checkpoint_dir, dtype=dtype)
+    mesh = stage_mesh(mesh)
+    model = checkpoint.load_model(checkpoint_dir, dtype=dtype) if mesh is None else \
+        load_for_mesh(checkpoint_dir, mesh, dtype or checkpoint.read_config(checkpoint_dir)[1])[0]
     return export_model(model, out_dir, tokenizer_from, max_shard_bytes, overwrite, progress)

@@ -1,9 +1,10 @@
 """Declarative HF <-> m2d_jax key maps, written once and used in both directions.
 
 A ``Rule`` ties one HF tensor key template to one or more parameter paths of the m2d_jax tree, with an invertible
-``Transform`` between the HF tensor and the parameter slice(s). Layer rules are instantiated per layer (``{layer}``)
-and, for per-expert HF layouts, per expert (``{expert}``); the parameter slice is then ``param[layer_in_stack]`` or
-``param[layer_in_stack, expert]``.
+``Transform`` between the HF tensor and the parameter slice(s); ``to_m2d_slice`` is the same map for one rectangular
+piece of a parameter slice, reading only the part of the HF tensor it needs (a sharded import). Layer rules are
+instantiated per layer (``{layer}``) and, for per-expert HF layouts, per expert (``{expert}``); the parameter slice
+is then ``param[layer_in_stack]`` or ``param[layer_in_stack, expert]``.
 """
 
 from __future__ import annotations
@@ -11,11 +12,25 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 Path = tuple  # a parameter path in the nnx state, e.g. ("attn", "q_proj", "kernel")
+Index = tuple  # one ``slice`` per axis of an array
+Reader = Callable[[Index], np.ndarray]  # hf_index -> the HF tensor's [hf_index], read from disk
+
+
+def _range(s: slice, n: int) -> tuple[int, int]:
+    return s.indices(n)[:2]
+
+
+def _flat_block(index: Index, shape: tuple[int, ...]) -> tuple[slice, tuple[int, ...], Index]:
+    """Axes ``shape`` flattened (C order): the flat range of ``index``'s range on the first axis with the other axes
+    whole, that block's shape, and the index that cuts ``index`` out of the block."""
+    a, b = _range(index[0], shape[0])
+    rest = math.prod(shape[1:])
+    return slice(a * rest, b * rest), (b - a, *shape[1:]), (slice(None), *index[1:])
 
 
 class Transform(abc.ABC):
@@ -33,6 +48,14 @@ class Transform(abc.ABC):
     def to_hf(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Parameter slices -> the HF tensor."""
 
+    def to_m2d_slice(self, read: Reader, shapes: Sequence[tuple[int, ...]], component: int,
+                     index: Index) -> np.ndarray:
+        """``to_m2d(tensor, shapes)[component][index]``, reading through ``read(hf_index)`` only the part of the HF
+        tensor it needs (``index``: one slice per axis of ``shapes[component]``). This default reads the whole
+        tensor; a transform of large tensors overrides it."""
+        whole = read(tuple(slice(None) for _ in self.hf_shape(shapes)))
+        return self.to_m2d(whole, shapes)[component][index]
+
 
 @dataclasses.dataclass(frozen=True)
 class Same(Transform):
@@ -46,6 +69,9 @@ class Same(Transform):
 
     def to_hf(self, arrays):
         return arrays[0]
+
+    def to_m2d_slice(self, read, shapes, component, index):
+        return read(index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +104,12 @@ class Linear(Transform):
         a = arrays[0]
         return a.reshape(math.prod(a.shape[:self.n_in]), -1).T
 
+    def to_m2d_slice(self, read, shapes, component, index):
+        s, n = shapes[0], self.n_in
+        in_range, in_shape, in_cut = _flat_block(index[:n], s[:n])
+        out_range, out_shape, out_cut = _flat_block(index[n:], s[n:])
+        return read((out_range, in_range)).T.reshape(in_shape + out_shape)[in_cut + out_cut]
+
 
 @dataclasses.dataclass(frozen=True)
 class FusedGateUp(Transform):
@@ -94,6 +126,11 @@ class FusedGateUp(Transform):
     def to_hf(self, arrays):
         return np.concatenate([a.swapaxes(1, 2) for a in arrays], axis=1)
 
+    def to_m2d_slice(self, read, shapes, component, index):
+        width = shapes[0][2]
+        a, b = _range(index[2], width)
+        return read((index[0], slice(component * width + a, component * width + b), index[1])).swapaxes(1, 2)
+
 
 @dataclasses.dataclass(frozen=True)
 class StackedLinear(Transform):
@@ -108,6 +145,9 @@ class StackedLinear(Transform):
 
     def to_hf(self, arrays):
         return arrays[0].swapaxes(1, 2)
+
+    def to_m2d_slice(self, read, shapes, component, index):
+        return read((index[0], index[2], index[1])).swapaxes(1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +164,10 @@ class InterleavedGateUp(Transform):
     def to_hf(self, arrays):
         gate, up = arrays
         return np.stack([gate, up], axis=-1).reshape(gate.shape[:-1] + (-1,))
+
+    def to_m2d_slice(self, read, shapes, component, index):
+        a, b = _range(index[-1], shapes[0][-1])
+        return read((*index[:-1], slice(2 * a, 2 * b)))[..., component::2]
 
 
 @dataclasses.dataclass(frozen=True)

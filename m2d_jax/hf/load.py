@@ -1,8 +1,12 @@
-"""Streaming HF import (and its inverse, the HF tensor view of a model used by export).
+"""Streaming, sharded HF import (and its inverse, the HF tensor view of a model used by export).
 
-Import walks the parameter leaves of the abstract model one at a time: for each leaf it allocates one host buffer,
-fills it slice by slice from memory-mapped safetensors (converting to the target dtype as it copies), places it (on
-the default device, or sharded as the loader's ``sharding`` says) and drops it. Peak host memory is the output tree plus one leaf; the checkpoint is never loaded whole.
+Import walks the parameter leaves of the abstract model one at a time and builds each with
+``jax.make_array_from_callback`` under its sharding (the loader's ``sharding``, default: this process's first
+device): for every shard that this process's devices own, the callback reads from safetensors only that shard's
+part of each HF tensor (positioned reads, no mapping), through the key map's per-slice transforms
+(``Transform.to_m2d_slice``: transposes, splits of fused / interleaved tensors, MXFP4 dequantized per group), and
+converts it to the parameter dtype. An expert-sharded leaf reads only its experts' keys. Peak host memory is one
+leaf's local shards beyond the placed parameters; no process ever holds the full model unless it owns all of it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from m2d_jax.distributed import to_host
 from m2d_jax.errors import CheckpointError
 from m2d_jax.hf.adapters import IGNORED_KEY_SUFFIXES, DecoderAdapter, adapter_for
 from m2d_jax.hf.keymap import Rule
@@ -102,6 +107,47 @@ def _detect_expert_layout(ckpt: SafetensorsCheckpoint, model_config: ModelConfig
     return layouts[0]  # let the missing-key error name the expected key
 
 
+def _check_shapes(ckpt, placements: dict, abs_leaves: dict, source: str) -> set[str]:
+    """Every HF key the parameters need, checked against config.json's shapes (headers only, before any read)."""
+    used: set[str] = set()
+    for placement, _ in {id(p): (p, c) for p, c in placements.values()}.values():
+        expected = tuple(placement.rule.transform.hf_shape(_leaf_shapes(placement, abs_leaves)))
+        for key, _ in placement.slices():
+            shape = tuple(ckpt.shape(key))
+            if shape != expected:
+                raise CheckpointError(f"{ckpt.where(key)}: tensor {key!r} has shape {shape}, expected {expected} "
+                                      f"from {source}")
+            used.add(key)
+    return used
+
+
+def _leaf_reader(ckpt, placement: _Placement, component: int, abs_leaves: dict, struct: jax.ShapeDtypeStruct
+                 ) -> Callable[[tuple], np.ndarray]:
+    """``index -> leaf[index]`` (a tuple of slices over the leaf) read from the checkpoint: only the HF keys of
+    the stacked layers / experts in ``index`` and only their parts in the rest of ``index``. Shards that several
+    devices hold alike are read once."""
+    shapes = _leaf_shapes(placement, abs_leaves)
+    n_stacked = len(struct.shape) - len(shapes[component])
+    transform = placement.rule.transform
+    read_once: dict[tuple, np.ndarray] = {}
+
+    def read(index: tuple) -> np.ndarray:
+        bounds = tuple(s.indices(n)[:2] for s, n in zip(index, struct.shape))
+        if bounds in read_once:
+            return read_once[bounds]
+        out = np.empty([b - a for a, b in bounds], struct.dtype)
+        stacked, inner = bounds[:n_stacked], tuple(slice(a, b) for a, b in bounds[n_stacked:])
+        for key, position in placement.slices():  # position: (layer in stack[, expert]) or () for global rules
+            if all(a <= p < b for p, (a, b) in zip(position, stacked)):
+                target = tuple(p - a for p, (a, _) in zip(position, stacked))
+                out[target] = transform.to_m2d_slice(lambda hf_index: ckpt.read_slice(key, hf_index), shapes,
+                                                     component, inner)
+        read_once[bounds] = out
+        return out
+
+    return read
+
+
 def load_hf(path: str | Path, *, dtype: str | None = None, progress: bool = True, sharding: Callable | None = None,
             runtime: RuntimeConfig | None = None, **runtime_fields) -> CausalLM:
     """Import an HF safetensors checkpoint directory into a ``CausalLM``.
@@ -109,8 +155,8 @@ def load_hf(path: str | Path, *, dtype: str | None = None, progress: bool = True
     The loader flags are those of every loader (``m2d_jax.from_pretrained``): ``dtype`` is the parameter and compute
     dtype (default float32); ``runtime`` or runtime field keywords (``moe_dispatch="dense"``, ``top_k=4``...) choose
     how the model runs (``load_runtime``); ``sharding(path, abstract) -> Sharding`` places each parameter leaf
-    (``path`` a tuple of keys such as ``("stacks", 0, "moe", "gate_proj")``; default: the default device);
-    ``progress`` shows a progress bar.
+    (``path`` a tuple of keys such as ``("stacks", 0, "moe", "gate_proj")``; default: this process's first device)
+    and each process reads only the parts of the checkpoint its devices own; ``progress`` shows a progress bar.
     """
     path = Path(path)
     runtime = load_runtime(HF_IMPORT_DTYPE, dtype, runtime, **runtime_fields)
@@ -130,26 +176,16 @@ def load_hf(path: str | Path, *, dtype: str | None = None, progress: bool = True
         unmapped = sorted(set(abs_leaves) - set(placements))
         if unmapped:  # a bug in an adapter, not in the user's files
             raise RuntimeError(f"adapter {type(adapter).__name__} maps no HF key to parameters {unmapped}")
-        used: set[str] = set()
+        used = _check_shapes(ckpt, placements, abs_leaves, source)
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         values = {}
         total_bytes = sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape)) for a in abs_leaves.values())
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"import {path.name}", disable=not progress)
         for leaf_path, abstract in abs_leaves.items():
-            placement, component = placements[leaf_path]
-            shapes = _leaf_shapes(placement, abs_leaves)
-            expected_hf = tuple(placement.rule.transform.hf_shape(shapes))
-            buf = np.empty(abstract.shape, abstract.dtype)
-            for key, index in placement.slices():
-                tensor = ckpt.read(key)
-                if tuple(tensor.shape) != expected_hf:
-                    raise CheckpointError(f"{ckpt.where(key)}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                          f"expected {expected_hf} from {source}")
-                buf[index] = placement.rule.transform.to_m2d(tensor, shapes)[component]
-                used.add(key)
-            leaf_sharding = None if sharding is None else sharding(
-                leaf_path, jax.ShapeDtypeStruct(abstract.shape, abstract.dtype))
-            values[leaf_path] = jax.device_put(buf, leaf_sharding)
-            del buf
+            struct = jax.ShapeDtypeStruct(abstract.shape, abstract.dtype)
+            leaf_sharding = default if sharding is None else sharding(leaf_path, struct)
+            values[leaf_path] = jax.make_array_from_callback(
+                abstract.shape, leaf_sharding, _leaf_reader(ckpt, *placements[leaf_path], abs_leaves, struct))
             bar.update(np.dtype(abstract.dtype).itemsize * int(np.prod(abstract.shape)))
         bar.close()
         unexpected = sorted(k for k in set(ckpt.keys()) - used if not k.endswith(IGNORED_KEY_SUFFIXES))
@@ -162,7 +198,10 @@ def load_hf(path: str | Path, *, dtype: str | None = None, progress: bool = True
 
 
 def hf_tensors(model: CausalLM, expert_layout: str = "per_expert") -> Iterator[tuple[str, np.ndarray]]:
-    """The model as HF tensors (key, array) in the family's hub layout: the export direction of the key map."""
+    """The model as HF tensors (key, array) in the family's hub layout: the export direction of the key map.
+
+    Parameters sharded across processes are gathered one leaf at a time (a collective: in a multi-process run every
+    process iterates this generator in the same order)."""
     config = model.config
     adapter = adapter_for(config.family, "model.config")
     leaves = {tuple(k): v.get_value() for k, v in nnx.state(model).flat_state()}
@@ -171,6 +210,6 @@ def hf_tensors(model: CausalLM, expert_layout: str = "per_expert") -> Iterator[t
         if id(placement) in seen:
             continue
         seen.add(id(placement))
-        arrays = [np.asarray(leaves[placement.prefix + p]) for p in placement.rule.paths]
+        arrays = [to_host(leaves[placement.prefix + p]) for p in placement.rule.paths]
         for key, index in placement.slices():
             yield key, placement.rule.transform.to_hf([a[index] for a in arrays])

@@ -47,10 +47,29 @@ class MXFP4Checkpoint:
     def where(self, key: str):
         return self.ckpt.where(key + "_blocks" if key in self.quantized else key)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key in self.quantized:
+            e, r, g, b = self.ckpt.shape(key + "_blocks")
+            return e, g * b * 2, r
+        return self.ckpt.shape(key)
+
     def read(self, key: str) -> np.ndarray:
         if key in self.quantized:
             return dequantize_mxfp4(self.ckpt.read(key + "_blocks"), self.ckpt.read(key + "_scales"))
         return self.ckpt.read(key)
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``read(key)[index]``, dequantizing only the groups of 32 values that the slice touches."""
+        if key not in self.quantized:
+            return self.ckpt.read_slice(key, index)
+        e, r, g, b = self.ckpt.shape(key + "_blocks")
+        experts, cols, rows = index  # of the dequantized [E, G*B*2, R]
+        start, stop = cols.indices(g * b * 2)[:2]
+        groups = slice(start // (2 * b), -(-stop // (2 * b)))  # the groups covering columns start..stop
+        values = dequantize_mxfp4(self.ckpt.read_slice(key + "_blocks", (experts, rows, groups, slice(None))),
+                                  self.ckpt.read_slice(key + "_scales", (experts, rows, groups)))
+        offset = groups.start * 2 * b
+        return values[:, start - offset:stop - offset]
 
     def close(self):
         self.ckpt.close()
