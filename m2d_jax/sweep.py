@@ -456,6 +456,7 @@ def write_plots(rows: Sequence[dict], teacher_ppl: float, out_dir: Path) -> list
     """``ppl_vs_K.png`` (per scoring, the best perplexity over groupings and DP scalings at each K) and
     ``heatmap.png`` (scoring x grouping, the best perplexity over DP scalings and K), written atomically."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
     valid = [r for r in rows if r["status"] != "invalid"]
     if not valid:
@@ -476,8 +477,12 @@ def write_plots(rows: Sequence[dict], teacher_ppl: float, out_dir: Path) -> list
     ax.axhline(teacher_ppl, color="black", linestyle="--", linewidth=1, label="teacher")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    all_ks = sorted({int(r["K"]) for r in valid})
+    ax.set_xticks(all_ks, [str(k) for k in all_ks])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("K (experts kept per layer)")
-    ax.set_ylabel("held-out perplexity before distillation (best over groupings, DP scalings)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("before distillation; best over groupings and DP scalings", fontsize="medium")
     ax.legend(fontsize="small")
     paths = [_save_figure(fig, out_dir / "ppl_vs_K.png")]
 
@@ -490,8 +495,8 @@ def write_plots(rows: Sequence[dict], teacher_ppl: float, out_dir: Path) -> list
     for i in range(len(scorings)):
         for j in range(len(groupings)):
             ax.text(j, i, f"{grid[i, j]:.4g}", ha="center", va="center", color="white", fontsize="small")
-    fig.colorbar(image, ax=ax, label="log perplexity (best over DP scalings and K)")
-    ax.set_title("held-out perplexity before distillation")
+    fig.colorbar(image, ax=ax, label="log perplexity")
+    ax.set_title("held-out perplexity before distillation; best over DP scalings and K", fontsize="medium")
     paths.append(_save_figure(fig, out_dir / "heatmap.png"))
     return paths
 
