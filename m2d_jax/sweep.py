@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from m2d_jax.artifacts import atomic_write, write_json
+from m2d_jax.artifacts import atomic_write, is_primary_process, write_json
 from m2d_jax.errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -112,14 +112,16 @@ class RowFile:
     """A CSV file of finished rows keyed by their first columns, appended one durable row at a time.
 
     Opening reads the rows already there (a torn last line, from a kill in the middle of a write, is dropped and the
-    file rewritten atomically without it); ``append`` writes one line, flushes and fsyncs.
+    file rewritten atomically without it); ``append`` writes one line, flushes and fsyncs. In a multi-process run
+    process 0 writes; every process keeps the rows.
     """
 
     def __init__(self, path: Path, columns: Sequence[str], key_columns: Sequence[str]):
         self.path, self.columns, self.key_columns = Path(path), tuple(columns), tuple(key_columns)
         self.rows: dict[tuple, dict[str, str]] = {}
         if not self.path.exists():
-            atomic_write(self.path, lambda tmp: tmp.write_text(self._line(self.columns)))
+            if is_primary_process():
+                atomic_write(self.path, lambda tmp: tmp.write_text(self._line(self.columns)))
             return
         text = self.path.read_text()
         complete = text[:text.rfind("\n") + 1]
@@ -133,7 +135,7 @@ class RowFile:
                                   f"{len(self.columns)}")
             row = dict(zip(self.columns, record))
             self.rows[self.key_of(row)] = row
-        if complete != text:
+        if complete != text and is_primary_process():
             log.warning("%s: dropped a torn last line (the previous run was killed while writing it)", self.path)
             atomic_write(self.path, lambda tmp: tmp.write_text(complete), overwrite=True)
 
@@ -151,10 +153,11 @@ class RowFile:
 
     def append(self, row: dict) -> dict[str, str]:
         line = self._line(row.get(c) for c in self.columns)  # a missing column is empty
-        with open(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        if is_primary_process():
+            with open(self.path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
         stored = dict(zip(self.columns, next(csv.reader(io.StringIO(line)))))
         self.rows[self.key_of(stored)] = stored
         return stored
@@ -323,8 +326,8 @@ def run_sweep(config: ConfigDict) -> dict:
     todo = [(p, reason) for p, reason in points if p.key not in table]
     print(f"sweep: {len(points)} configurations ({len(points) - len(todo)} finished in {table.path}), teacher "
           f"held-out ppl {teacher_ppl:.3f} on {len(tokens)} tokens")
-    selections: dict[tuple[str, int], object] = {}
-    started, computed = time.perf_counter(), 0
+    selections = {}  # (scoring, K) -> Selection: the current one only
+    started, converted = time.perf_counter(), 0
     for point, reason in tqdm(todo, desc="sweep", unit="config", disable=not config.progress):
         row_start = time.perf_counter()
         row = {"scoring": point.scoring, "grouping": point.grouping, "dp_scaling": point.dp_scaling,
@@ -347,7 +350,7 @@ def run_sweep(config: ConfigDict) -> dict:
                 row.update(status="ok", student_params=summarize(student.config)["total_params"], ppl=result.ppl,
                            nll=result.nll, tokens=result.tokens)
                 del student
-            computed += 1
+                converted += 1
         row["seconds"] = round(time.perf_counter() - row_start, 3)
         stored = table.append(row)
         if stored["status"] == "ok":
@@ -355,7 +358,7 @@ def run_sweep(config: ConfigDict) -> dict:
     elapsed = time.perf_counter() - started
     rows_per_s = len(todo) / elapsed if todo else None
     if todo:
-        log.info("sweep: %d rows (%d converted) in %.1fs, %.2f rows/s", len(todo), computed, elapsed, rows_per_s)
+        log.info("sweep: %d rows (%d converted) in %.1fs, %.2f rows/s", len(todo), converted, elapsed, rows_per_s)
     rows = [table.rows[p.key] for p, _ in points]
     plots = write_plots(rows, teacher_ppl, work)
     del teacher
