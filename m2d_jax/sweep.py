@@ -184,9 +184,10 @@ def _data_paths(files: Sequence[str], field: str) -> list[Path]:
     return [EMBEDDED_CORPUS if f == EMBEDDED else Path(f).absolute() for f in files]
 
 
-def _settings(config: ConfigDict) -> dict:
-    """What the rows depend on (recorded in ``sweep.json``): teacher, data, evaluation, k and the distillation
-    recipe. The grid itself may grow between runs; paths, mesh, logging and checkpointing may change."""
+def _settings(config: ConfigDict) -> tuple[dict, dict]:
+    """What the rows depend on (recorded in ``sweep.json``): for results.csv the teacher, data, evaluation and k; for
+    distilled.csv the distillation recipe. The grid itself may grow between runs; paths, mesh, logging and
+    checkpointing may change."""
     distill = config.distill.to_dict()
     for field in ("workdir", "student_out", "stop_at_step", "mesh", "logging", "checkpoint"):
         distill.pop(field, None)
@@ -197,17 +198,20 @@ def _settings(config: ConfigDict) -> dict:
         if not calibration["stats"] else []
     calibration["stats"] = [str(Path(p).absolute()) for p in calibration["stats"]]
     evaluation = {**config.eval.to_dict(), "files": [str(p) for p in _data_paths(config.eval.files, "eval.files")]}
-    settings = {"teacher": str(Path(config.teacher).absolute()), "tokenizer": config.tokenizer, "dtype": config.dtype,
-                "calibration": calibration, "eval": evaluation, "groups": config.grid.groups,
-                "expanded_top_k": config.expanded_top_k, "distill": distill}
-    return json.loads(json.dumps(settings))  # tuples -> lists, as read back
+    grid = {"teacher": str(Path(config.teacher).absolute()), "tokenizer": config.tokenizer, "dtype": config.dtype,
+            "calibration": calibration, "eval": evaluation, "groups": config.grid.groups}
+    distilled = {"expanded_top_k": config.expanded_top_k, "distill": distill}
+    return tuple(json.loads(json.dumps(part)) for part in (grid, distilled))  # tuples -> lists, as read back
 
 
-def _check_settings(path: Path, settings: dict) -> None:
-    if not path.exists():
-        write_json(settings, path)
+def _check_settings(path: Path, part: str, settings: dict) -> None:
+    """Record ``settings`` as ``part`` of ``path`` the first time; afterwards refuse other settings."""
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    if part not in recorded:
+        if is_primary_process():
+            write_json({**recorded, part: settings}, path, overwrite=True)
         return
-    recorded = json.loads(path.read_text())
+    recorded = recorded[part]
     for field in sorted(set(recorded) | set(settings)):
         if recorded.get(field) != settings.get(field):
             raise OutputError(f"{path}: this workdir holds a sweep with other settings (field {field!r}: "
@@ -305,10 +309,12 @@ def run_sweep(config: ConfigDict) -> dict:
         check_config(distill_run_config(config, Path(config.teacher), Path(config.workdir), 0))
     work = Path(config.workdir).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    settings = _settings(config)
+    grid_settings, distill_settings = _settings(config)
     devices = jax.devices()[:config.num_devices or None]
     mesh = make_mesh(dict(config.distill.mesh), devices)
-    _check_settings(work / "sweep.json", settings)
+    _check_settings(work / "sweep.json", "results", grid_settings)
+    if config.distill_best:
+        _check_settings(work / "sweep.json", "distilled", distill_settings)
 
     stats, stats_paths = _statistics(config, work)
     teacher, _ = load_for_mesh(config.teacher, mesh, config.dtype)
