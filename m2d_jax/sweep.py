@@ -534,7 +534,8 @@ def format_summary(result: dict) -> str:
             config = f"{r['scoring']}, {r['grouping']}, {r['dp_scaling']}, K={r['K']}"
             lines.append(f"{config:<44} {r['teacher_top_k']:>4} {float(r['ppl_before']):>11.4g} "
                          f"{float(r['ppl']):>10.4g}")
-    lines += ["", f"results: {result['workdir']}/results.csv, distilled.csv, ppl_vs_K.png, heatmap.png"]
+    written = ["results.csv"] + ["distilled.csv"] * bool(result["distilled"]) + [Path(p).name for p in result["plots"]]
+    lines += ["", f"in {result['workdir']}: {', '.join(written)}"]
     return "\n".join(lines)
 
 
