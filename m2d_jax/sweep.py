@@ -529,10 +529,10 @@ def format_summary(result: dict) -> str:
             r = min(valid, key=lambda r: float(r["ppl"]))
             lines.append(f"{scoring:<18} {float(r['ppl']):>10.4g}  {r['grouping']}, {r['dp_scaling']}, K={r['K']}")
     if result["distilled"]:
-        lines += ["", f"{'distilled':<44} {'k_T':>4} {'ppl before':>11} {'ppl after':>10}"]
+        lines += ["", f"{'distilled':<54} {'k_T':>4} {'ppl before':>11} {'ppl after':>10}"]
         for r in result["distilled"]:
             config = f"{r['scoring']}, {r['grouping']}, {r['dp_scaling']}, K={r['K']}"
-            lines.append(f"{config:<44} {r['teacher_top_k']:>4} {float(r['ppl_before']):>11.4g} "
+            lines.append(f"{config:<54} {r['teacher_top_k']:>4} {float(r['ppl_before']):>11.4g} "
                          f"{float(r['ppl']):>10.4g}")
     written = ["results.csv"] + ["distilled.csv"] * bool(result["distilled"]) + [Path(p).name for p in result["plots"]]
     lines += ["", f"in {result['workdir']}: {', '.join(written)}"]
