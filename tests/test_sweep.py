@@ -138,6 +138,21 @@ def test_killed_sweep_resumes_into_identical_rows(setup, sweep_run):
     assert [compared(r) for r in read_rows(csv_path)] == [compared(r) for r in uninterrupted]
 
 
+def test_sweep_on_a_two_device_mesh_equals_one_device(setup, sweep_run, tmp_path):
+    """The teacher and every student placed on the distill config's mesh (fsdp=2): the same rows up to float
+    summation order."""
+    config = sweep_config(setup, tmp_path / "mesh", "--config.num_devices=2", "--config.distill.mesh.fsdp=2",
+                          "--config.grid.scorings=('gld_reap',)", "--config.grid.groupings=('router_cluster',)",
+                          "--config.grid.dp_scalings=('proportional',)", "--config.grid.k_multiples=(1, 2)")
+    rows = run_sweep(config)["rows"]
+    want = {row_name(r): r for r in read_rows(sweep_run[1] / "results.csv")}
+    assert [row_name(r) for r in rows] == ["gld_reap/router_cluster/proportional/K=2",
+                                           "gld_reap/router_cluster/proportional/K=4"]
+    for row in rows:
+        assert row["plan_sha256"] == want[row_name(row)]["plan_sha256"]
+        np.testing.assert_allclose(float(row["ppl"]), float(want[row_name(row)]["ppl"]), rtol=1e-5)
+
+
 def test_grid_points_report_invalid_entries():
     from ml_collections import ConfigDict
 
