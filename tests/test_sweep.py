@@ -139,9 +139,10 @@ def test_killed_sweep_resumes_into_identical_rows(setup, sweep_run):
 
 
 def test_sweep_on_a_two_device_mesh_equals_one_device(setup, sweep_run, tmp_path):
-    """The teacher and every student placed on the distill config's mesh (fsdp=2): the same rows up to float
-    summation order."""
+    """The teacher and every student placed on the distill config's mesh (fsdp=2), from given statistics files:
+    the same rows up to float summation order."""
     config = sweep_config(setup, tmp_path / "mesh", "--config.num_devices=2", "--config.distill.mesh.fsdp=2",
+                          f"--config.calibration.stats=('{sweep_run[1] / 'stats.npz'}',)",
                           "--config.grid.scorings=('gld_reap',)", "--config.grid.groupings=('router_cluster',)",
                           "--config.grid.dp_scalings=('proportional',)", "--config.grid.k_multiples=(1, 2)")
     rows = run_sweep(config)["rows"]
