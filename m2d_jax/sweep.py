@@ -501,9 +501,11 @@ def write_plots(rows: Sequence[dict], teacher_ppl: float, out_dir: Path) -> list
     image = ax.imshow(np.log(grid), cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(len(groupings)), groupings, rotation=30, ha="right")
     ax.set_yticks(range(len(scorings)), scorings)
+    shade = image.norm(np.log(grid))  # 0 = lowest perplexity (light in viridis_r), 1 = highest (dark)
     for i in range(len(scorings)):
         for j in range(len(groupings)):
-            ax.text(j, i, f"{grid[i, j]:.4g}", ha="center", va="center", color="white", fontsize="small")
+            ax.text(j, i, f"{grid[i, j]:.4g}", ha="center", va="center", fontsize="small",
+                    color="white" if shade[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, label="log perplexity")
     ax.set_title("held-out perplexity before distillation; best over DP scalings and K", fontsize="medium")
     paths.append(_save_figure(fig, out_dir / "heatmap.png"))
