@@ -53,6 +53,17 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from m2d_jax.config_utils import apply_overrides, load_config
+    from m2d_jax.sweep import format_summary, run_sweep
+
+    config = apply_overrides(load_config(args.config), args.overrides)
+    if args.teacher:
+        config.teacher = args.teacher
+    print(format_summary(run_sweep(config)))
+    return 0
+
+
 def _cmd_calibrate(args) -> int:
     from m2d_jax.pipeline import calibrate_files
 
@@ -267,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="mesh config (configs/mesh/, e.g. v5p-64): sets config.mesh")
     p.set_defaults(func=_cmd_distill)
 
+    p = sub.add_parser("sweep", help="scorings x groupings x DP scalings x K: pre-distillation perplexity of every "
+                                     "configuration, then the best ones distilled; resumable (override with "
+                                     "--config.KEY=VALUE)")
+    p.add_argument("--config", default="sweep", help="config file or name under configs/")
+    p.add_argument("--teacher", default="", help="MoE teacher checkpoint (HF or m2d_jax); sets config.teacher")
+    p.set_defaults(func=_cmd_sweep)
+
     p = sub.add_parser("calibrate", help="teacher routing / expert-output statistics in one pass (docs/METHOD.md §2)")
     p.add_argument("--model", required=True, help="HF or m2d_jax checkpoint directory of the MoE teacher")
     p.add_argument("--data", required=True, nargs="+", help="local text / jsonl / parquet files")
@@ -396,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown or (overrides and args.command not in ("demo", "distill")):
+    if unknown or (overrides and args.command not in ("demo", "distill", "sweep")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -57,8 +57,14 @@ def perplexity_windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple
     return windows
 
 
+def protocol_tokens(docs: Sequence[str], tokenizer) -> np.ndarray:
+    """The token stream the protocol scores: the documents joined with "\\n\\n", tokenised once (no BOS, no EOS)."""
+    (ids,) = tokenizer.encode_batch(["\n\n".join(docs)])
+    return np.asarray(ids, np.int32)
+
+
 def perplexity(model, tokens: np.ndarray, seq_len: int = 2048, stride: int | None = None,
-               batch_size: int = 8, mesh=None) -> PerplexityResult:
+               batch_size: int = 8, mesh=None, progress: bool = True) -> PerplexityResult:
     """Token-level perplexity of ``model`` on one token stream ``tokens`` [N] (see the module docstring).
 
     Windows are batched as [batch_size, seq_len] (the last window right-padded, the last batch padded with empty
@@ -91,7 +97,8 @@ def perplexity(model, tokens: np.ndarray, seq_len: int = 2048, stride: int | Non
     from tqdm import tqdm
 
     nll, start = 0.0, time.perf_counter()
-    for i in tqdm(range(0, num_rows, batch_size), desc="perplexity", unit="batch", disable=jax.process_index() != 0):
+    for i in tqdm(range(0, num_rows, batch_size), desc="perplexity", unit="batch",
+                  disable=not progress or jax.process_index() != 0):
         rows = slice(i, i + batch_size)
         batch = [inputs[rows], targets[rows], mask[rows]]
         if mesh is not None:
@@ -126,7 +133,6 @@ def evaluate_perplexity(model_path: str | Path, files: Sequence[str | Path], seq
     max_pos = model.config.max_position_embeddings
     if seq_len > max_pos:  # before tokenising a large corpus
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={max_pos}")
-    (ids,) = tokenizer.encode_batch(["\n\n".join(docs)])
+    ids = protocol_tokens(docs, tokenizer)
     log.info("perplexity data: %d documents, %d tokens", len(docs), len(ids))
-    return perplexity(model, np.asarray(ids, np.int32), seq_len=seq_len, stride=stride, batch_size=batch_size,
-                      mesh=mesh)
+    return perplexity(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size, mesh=mesh)
