@@ -120,18 +120,18 @@ def expert_load(model, windows: np.ndarray, batch_size: int) -> list[list[float]
 def train_teacher(config: ConfigDict, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """Train the teacher ``config`` describes (``configs/teachers/*.py``) and write it to ``out`` (default
     ``config.out``): an HF directory with tokenizer and ``training.json``. Returns the absolute output path."""
+    import jax
+    from flax import nnx
+
     from m2d_jax import checkpoint, from_pretrained
     from m2d_jax.artifacts import Provenance
-    from m2d_jax.data import load_tokenizer, pack_documents, tokenize_documents, corpus_documents, write_split
+    from m2d_jax.data import corpus_documents, load_tokenizer, pack_documents, tokenize_documents, write_split
     from m2d_jax.data.teachers import TRAINING_RECORD
     from m2d_jax.distill.train import run as train_run
     from m2d_jax.eval.ppl import evaluate_perplexity
     from m2d_jax.hf.export import export_model
     from m2d_jax.info import summarize
     from m2d_jax.models import CausalLM, RuntimeConfig
-
-    import jax
-    from flax import nnx
 
     out = Path(out or config.out)
     if not str(out) or str(out) == ".":
@@ -146,7 +146,8 @@ def train_teacher(config: ConfigDict, out: str | Path | None = None, overwrite: 
         tokenizer_dir = prepare_tokenizer(config, work / "tokenizer")
         tokenizer = load_tokenizer(tokenizer_dir)
         train_file = write_split("train", work / "train.jsonl", overwrite=True)
-        heldout_file = write_split("heldout", work / "heldout.jsonl", overwrite=True)
+        heldout_file = write_split("heldout", work / "heldout.jsonl", overwrite=True,
+                                   max_documents=config.eval.heldout_docs)
 
         arch = model_config(config, tokenizer.vocab_size)
         summary = summarize(arch)
@@ -169,7 +170,8 @@ def train_teacher(config: ConfigDict, out: str | Path | None = None, overwrite: 
         ppl = evaluate_perplexity(hf_dir, [heldout_file], seq_len=e.seq_len, batch_size=e.batch_size)
         load = None
         if arch.is_moe:
-            windows = pack_documents(tokenize_documents(corpus_documents("heldout"), tokenizer), e.seq_len)
+            heldout = corpus_documents("heldout")[:e.heldout_docs or None]
+            windows = pack_documents(tokenize_documents(heldout, tokenizer), e.seq_len)
             load = expert_load(from_pretrained(hf_dir, dtype="float32", progress=False), windows, e.batch_size)
         t = config.train
         record = {
@@ -185,7 +187,8 @@ def train_teacher(config: ConfigDict, out: str | Path | None = None, overwrite: 
             "final_train_loss": result["metrics"].get("loss"),
             "final_train_ce": result["metrics"].get("ce"),
             "final_load_balance": result["metrics"].get("load_balance"),
-            "heldout": {"split": "heldout", **ppl.to_dict()},
+            "heldout": {"split": "heldout", "documents": e.heldout_docs or len(corpus_documents("heldout")),
+                        **ppl.to_dict()},
             "expert_load": load,
             "expert_load_min_max": None if load is None else [[min(row), max(row)] for row in load],
             "weights_dtype": config.export_dtype,

@@ -35,7 +35,8 @@ def get_config() -> ConfigDict:
         seed=0,
         train=dict(steps=200, batch_size=16, seq_len=128, learning_rate=3e-3, weight_decay=0.1, warmup_steps=20,
                    decay_steps=40, load_balance_weight=0.01, log_every=10),
-        eval=dict(seq_len=128, batch_size=16),  # held-out perplexity and expert load
+        eval=dict(seq_len=128, batch_size=16,  # held-out perplexity and expert load
+                  heldout_docs=0),  # 0 = the whole held-out split; > 0: its first N documents (quick checks)
         export_dtype="bfloat16",  # weights as shipped (training is float32)
         out="",  # output HF directory (or --out)
         workdir="",  # "" = a temporary directory, removed at the end
