@@ -61,6 +61,14 @@ def _cmd_sweep(args) -> int:
     if args.teacher:
         config.teacher = args.teacher
     print(format_summary(run_sweep(config)))
+def _cmd_train_teacher(args) -> int:
+    from m2d_jax.config_utils import apply_overrides, load_config
+    from m2d_jax.teachers import train_teacher
+
+    out = train_teacher(apply_overrides(load_config(args.config), args.overrides), args.out, args.overwrite)
+    record = json.loads((out / "training.json").read_text())
+    print(f"wrote {out}: {record['tokens']} tokens in {record['train_seconds']:.0f}s, final train loss "
+          f"{record['final_train_loss']:.3f}, held-out ppl {record['heldout']['ppl']:.2f}")
     return 0
 
 
@@ -284,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="sweep", help="config file or name under configs/")
     p.add_argument("--teacher", default="", help="MoE teacher checkpoint (HF or m2d_jax); sets config.teacher")
     p.set_defaults(func=_cmd_sweep)
+    p = sub.add_parser("train-teacher", help="train a teacher from scratch on the embedded corpus' train split, "
+                                             "export HF (override with --config.KEY=VALUE)")
+    p.add_argument("config", help="teacher config file or name, e.g. configs/teachers/moe.py")
+    p.add_argument("--out", default=None, help="output HF directory (default: config.out)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_train_teacher)
 
     p = sub.add_parser("calibrate", help="teacher routing / expert-output statistics in one pass (docs/METHOD.md §2)")
     p.add_argument("--model", required=True, help="HF or m2d_jax checkpoint directory of the MoE teacher")
@@ -414,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown or (overrides and args.command not in ("demo", "distill", "sweep")):
+    if unknown or (overrides and args.command not in ("demo", "distill", "sweep", "train-teacher")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
