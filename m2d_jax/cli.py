@@ -151,6 +151,20 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_prune_dense(args) -> int:
+    from m2d_jax.pipeline import prune_dense_checkpoint
+
+    out, report = prune_dense_checkpoint(
+        args.model, args.data, args.out, target_params=args.params, params_of=args.params_of, hf_out=args.hf_out,
+        axes=args.axes.split(","), min_fraction=args.min_fraction, seq_len=args.seq_len, num_seqs=args.num_seqs,
+        batch_size=args.batch_size, seed=args.seed, tokenizer_dir=args.tokenizer, text_field=args.text_field,
+        dtype=args.dtype, overwrite=args.overwrite)
+    print(f"pruned {report.teacher_params:,} -> {report.params:,} parameters (target {report.target_params:,}; "
+          f"{report.params - report.target_params:+,}), shape {report.shape.to_dict()}")
+    print(f"wrote {out}" + (f" and {args.hf_out}" if args.hf_out else ""))
+    return 0
+
+
 def _add_scoring_options(p) -> None:
     from m2d_jax.scoring import ACP_FORMS, DEFAULT_OPTIONS, KERNELS
 
@@ -297,6 +311,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.set_defaults(func=_cmd_generate)
+
+    from m2d_jax.prune import DEFAULT_AXES, DEFAULT_MIN_FRACTION, PRUNE_AXES, parse_param_count
+
+    p = sub.add_parser("prune-dense", help="dense-to-dense (D2D) baseline: prune a dense teacher to a parameter "
+                                           "count with activation importance (docs/METHOD.md)")
+    p.add_argument("--model", required=True, help="HF or m2d_jax checkpoint directory of the dense teacher")
+    p.add_argument("--data", required=True, nargs="+", help="local text / jsonl / parquet calibration files")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--params", type=parse_param_count, help="target parameter count, e.g. 1200000 or 1.2M")
+    target.add_argument("--params-of", help="match the total parameter count of this checkpoint (HF or m2d_jax)")
+    p.add_argument("--axes", default=",".join(DEFAULT_AXES),
+                   help=f"comma-separated subset of {','.join(PRUNE_AXES)} (default {','.join(DEFAULT_AXES)})")
+    p.add_argument("--min-fraction", type=float, default=DEFAULT_MIN_FRACTION,
+                   help="no axis keeps less than this fraction of its teacher size")
+    p.add_argument("--out", required=True, help="output m2d_jax checkpoint directory (must not exist)")
+    p.add_argument("--hf-out", help="also export the pruned model as an HF checkpoint directory here")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--num-seqs", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_prune_dense)
     return parser
 
 

@@ -33,4 +33,9 @@ class SelectionError(M2DError):
     """A selection file that is missing, malformed, or does not match the statistics or model it is used with."""
 
 
-__all__ = ["CheckpointError", "DataError", "M2DError", "MeshError", "OutputError", "SelectionError", "StatsError"]
+class PruneError(M2DError):
+    """A dense-to-dense pruning request that cannot be met (an MoE teacher, a target out of reach, unknown axes)."""
+
+
+__all__ = ["CheckpointError", "DataError", "M2DError", "MeshError", "OutputError", "PruneError", "SelectionError",
+           "StatsError"]

@@ -9,7 +9,8 @@ The numerics live in the stage packages; nothing here computes.
 - ``calibrate_files``: teacher + text files -> ``CalibrationStats`` (a statistics file);
 - ``select_from_files``: statistics files -> ``Selection`` (a selection file);
 - ``convert_checkpoint``: teacher + statistics + (a selection file | a scoring and K) -> student checkpoint (+ HF);
-- ``random_ffn_checkpoint``: the random-FFN baseline checkpoint (+ HF).
+- ``random_ffn_checkpoint``: the random-FFN baseline checkpoint (+ HF);
+- ``prune_dense_checkpoint``: a dense teacher + text files -> its pruned (D2D baseline) checkpoint (+ HF).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Sequence
 from m2d_jax.artifacts import Provenance, check_outputs, file_sha256, write_outputs
 from m2d_jax.calibration import CalibrationStats
 from m2d_jax.convert import ConversionRecipe
+from m2d_jax.prune.plan import DEFAULT_AXES, DEFAULT_MIN_FRACTION
 from m2d_jax.scoring import Selection
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,22 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "flo
     return checkpoint.save_model(model, out_dir, provenance.to_dict(), overwrite=overwrite)
 
 
+def calibration_set(model_path: str | Path, vocab_size: int, data_files: Sequence[str | Path], seq_len: int,
+                    num_seqs: int, seed: int = 0, tokenizer_dir: str | Path | None = None,
+                    text_field: str = "text"):
+    """The calibration windows [num_seqs, seq_len] of local text files: tokenised with the model's tokenizer (or
+    ``tokenizer_dir``'s), packed, ``num_seqs`` of them chosen with ``seed`` (``calibration_windows``)."""
+    from m2d_jax.calibration import calibration_windows
+    from m2d_jax.data import DataError, load_tokenizer, pack_documents, read_documents, tokenize_documents
+
+    tokenizer = load_tokenizer(tokenizer_dir or model_path)
+    tokens = tokenize_documents(read_documents(data_files, text_field), tokenizer)
+    if tokens.max() >= vocab_size:
+        raise DataError(f"tokenizer of {tokenizer.directory} produced id {int(tokens.max())} >= the model's "
+                        f"vocab_size {vocab_size}")
+    return calibration_windows(pack_documents(tokens, seq_len), num_seqs, seed)
+
+
 def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], out: str | Path | None = None,
                     seq_len: int = 2048, num_seqs: int = 512, gram_tokens: int = 32768, batch_size: int = 8,
                     seed: int = 0, gram_chunk: int = 256, tokenizer_dir: str | Path | None = None,
@@ -73,8 +91,7 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
     processes shard ``shard_index`` of ``shard_count`` (combine the shards' results with ``combine_stats``).
     """
     import m2d_jax
-    from m2d_jax.calibration import calibrate, calibration_windows, save_stats
-    from m2d_jax.data import DataError, load_tokenizer, pack_documents, read_documents, tokenize_documents
+    from m2d_jax.calibration import calibrate, save_stats
     from m2d_jax.info import load_config
 
     check_outputs(out, overwrite=overwrite)
@@ -87,13 +104,9 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
     config, _ = load_config(model_path)  # the architecture only: bad input fails before any weight is read
     if not config.is_moe:
         raise ValueError(f"{model_path}: {config.family} model has no MoE layers to calibrate")
-    tokenizer = load_tokenizer(tokenizer_dir or model_path)
-    tokens = tokenize_documents(read_documents(data_files, text_field), tokenizer)
-    if tokens.max() >= config.vocab_size:
-        raise DataError(f"tokenizer of {tokenizer.directory} produced id {int(tokens.max())} >= the model's "
-                        f"vocab_size {config.vocab_size}")
+    windows = calibration_set(model_path, config.vocab_size, data_files, seq_len, num_seqs, seed, tokenizer_dir,
+                              text_field)
     teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
-    windows = calibration_windows(pack_documents(tokens, seq_len), num_seqs, seed)
     stats = calibrate(teacher, windows, gram_tokens=gram_tokens, batch_size=batch_size, seed=seed,
                       gram_chunk=gram_chunk, shard_index=shard_index, shard_count=shard_count,
                       show_progress=show_progress)
@@ -208,5 +221,51 @@ def random_ffn_checkpoint(model_path: str | Path, groups: int, out: str | Path, 
     return _write_student(student, out, hf_out, provenance, overwrite, progress)
 
 
-__all__ = ["DEFAULT_SCORING", "calibrate_files", "convert_checkpoint", "import_checkpoint", "load_statistics",
-           "random_ffn_checkpoint", "select_from_files", "source_provenance"]
+def prune_dense_checkpoint(model_path: str | Path, data_files: Sequence[str | Path], out: str | Path, *,
+                           target_params: int | None = None, params_of: str | Path | None = None,
+                           hf_out: str | Path | None = None, axes: Sequence[str] = DEFAULT_AXES,
+                           min_fraction: float = DEFAULT_MIN_FRACTION, seq_len: int = 2048, num_seqs: int = 512,
+                           batch_size: int = 8, seed: int = 0, tokenizer_dir: str | Path | None = None,
+                           text_field: str = "text", dtype: str = "float32", overwrite: bool = False,
+                           progress: bool = True):
+    """``m2d prune-dense``: the dense teacher at ``model_path`` pruned to ``target_params`` parameters, or to the
+    total parameter count of the checkpoint ``params_of`` (e.g. an MoE-converted student), with importance measured
+    on ``num_seqs`` calibration windows of ``seq_len`` tokens of ``data_files`` (docs/METHOD.md, "Dense-to-dense
+    pruning baseline"). Writes an m2d_jax checkpoint at ``out`` (and an HF directory at ``hf_out``: both or
+    neither). Returns ``(out, PruneReport)``."""
+    import m2d_jax
+    from m2d_jax.errors import PruneError
+    from m2d_jax.info import load_config, summarize
+    from m2d_jax.prune import plan_shape, prune_dense
+
+    started = time.perf_counter()
+    check_outputs(out, hf_out, overwrite=overwrite)
+    if (target_params is None) == (params_of is None):
+        raise PruneError("give the parameter target as a count (--params) or as a checkpoint to match "
+                         "(--params-of), exactly one of them")
+    if params_of is not None:
+        target_params = summarize(load_config(params_of)[0])["total_params"]
+    config, _ = load_config(model_path)  # the architecture only: a bad teacher or target fails before any weight
+    plan_shape(config, target_params, axes, min_fraction)
+    windows = calibration_set(model_path, config.vocab_size, data_files, seq_len, num_seqs, seed, tokenizer_dir,
+                              text_field)
+    teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
+    pruned, report = prune_dense(teacher, windows, target_params, axes=axes, min_fraction=min_fraction,
+                                 batch_size=batch_size, show_progress=progress)
+    provenance = Provenance("pruned_dense", **source_provenance(model_path),
+                            recipe={"target_params": report.target_params, "params_of": None if params_of is None
+                                    else str(Path(params_of).absolute()), "axes": list(report.axes),
+                                    "min_fraction": report.min_fraction, "seq_len": seq_len, "num_seqs": num_seqs,
+                                    "seed": seed},
+                            details={"family": pruned.config.family,
+                                     "data_files": [str(Path(f).absolute()) for f in data_files],
+                                     **report.to_dict()})
+    saved = _write_student(pruned, out, hf_out, provenance, overwrite, progress)
+    log.info("pruned %s -> %s: %d -> %d parameters (target %d) in %.1fs", model_path, saved, report.teacher_params,
+             report.params, report.target_params, time.perf_counter() - started)
+    return saved, report
+
+
+__all__ = ["DEFAULT_SCORING", "calibrate_files", "calibration_set", "convert_checkpoint", "import_checkpoint",
+           "load_statistics", "prune_dense_checkpoint", "random_ffn_checkpoint", "select_from_files",
+           "source_provenance"]
