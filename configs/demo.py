@@ -32,10 +32,12 @@ def get_config() -> ConfigDict:
         # size); all 7 scorings are converted, round-robin grouping, uniform down-projection scaling
         conversion=dict(groups=0, grouping="round_robin", dp_scaling="uniform"),
         # the dense-to-dense baseline: the dense teacher pruned to the converted students' parameter count
-        d2d=dict(axes=("ffn",), num_seqs=64, seq_len=128, batch_size=8),
-        # one recipe and token budget for every distilled student (steps x batch_size x seq_len tokens)
+        d2d=dict(axes=("ffn", "heads"), num_seqs=64, seq_len=128, batch_size=8),  # FFN neurons first, then heads
+        # one recipe and token budget for every distilled student (steps x batch_size x seq_len tokens), on
+        # train_chars characters of the train split's documents (seeded order; ~3.5 characters per token)
         distill=dict(students=("gld_reap", "selection_freq", "random_ffn", "d2d"), steps=160, batch_size=16,
-                     seq_len=128, learning_rate=1e-3, warmup_steps=16, decay_steps=48, eval_every=20),
+                     seq_len=128, learning_rate=1e-3, warmup_steps=16, decay_steps=48, eval_every=20,
+                     train_chars=1_500_000),
         eval=dict(tokens=16384, seq_len=128, batch_size=16),  # held-out perplexity: the split's first tokens
         # the local multiple-choice task from held-out documents (m2d_jax.eval.local_mc)
         choice=dict(num_items=200, context_len=48, continuation_len=16, choices=4, batch_size=32),

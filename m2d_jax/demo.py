@@ -81,6 +81,22 @@ def prepare_teachers(config: ConfigDict, scratch: Path) -> Teachers:
     return Teachers(dirs["moe"], dirs["dense"], "random")
 
 
+def write_train_sample(out: Path, chars: int, seed: int) -> Path:
+    """Documents of the corpus' train split in a seeded order, up to ``chars`` characters (the distillation data:
+    enough text for the token budget without tokenising the whole split for every run), as a JSON-lines file."""
+    from m2d_jax.artifacts import atomic_write
+    from m2d_jax.data import corpus_documents
+
+    docs = corpus_documents("train")
+    picked, total = [], 0
+    for i in np.random.default_rng(seed).permutation(len(docs)):
+        if total >= chars:
+            break
+        picked.append(docs[i])
+        total += len(docs[i])
+    return atomic_write(out, lambda tmp: tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in picked)))
+
+
 def max_logit_diff(model, hf_dir: Path, ids: np.ndarray, mask: np.ndarray) -> float:
     """max |logit - transformers' logit| over the valid positions of a padded batch, float32."""
     from m2d_jax.hf.oracle import reference_logits
@@ -89,17 +105,16 @@ def max_logit_diff(model, hf_dir: Path, ids: np.ndarray, mask: np.ndarray) -> fl
     return float(np.abs(np.asarray(model(ids, mask), np.float32) - want)[mask.astype(bool)].max())
 
 
-def d2d_student_checkpoint(dense_teacher: Path, calibration_file: Path, target_params: int, out: Path,
-                           d2d: ConfigDict, seed: int) -> Path | None:
-    """The D2D baseline: ``dense_teacher`` pruned (``m2d prune-dense``) to ``target_params`` parameters with
-    activation importance on the calibration split. None while this build has no ``prune_dense_checkpoint``."""
-    from m2d_jax import pipeline
+def d2d_student_checkpoint(dense_teacher: Path, calibration_file: Path, params_of: Path, out: Path,
+                           d2d: ConfigDict, seed: int) -> Path:
+    """The D2D baseline: ``dense_teacher`` pruned (``m2d prune-dense``) to the parameter count of the checkpoint
+    ``params_of`` with activation importance on the calibration split."""
+    from m2d_jax.pipeline import prune_dense_checkpoint
 
-    if not hasattr(pipeline, "prune_dense_checkpoint"):
-        return None
-    return pipeline.prune_dense_checkpoint(dense_teacher, [calibration_file], target_params, out, axes=tuple(d2d.axes),
-                                  seq_len=d2d.seq_len, num_seqs=d2d.num_seqs, batch_size=d2d.batch_size, seed=seed,
-                                  overwrite=True)
+    saved, _ = prune_dense_checkpoint(dense_teacher, [calibration_file], out, params_of=params_of,
+                                      axes=tuple(d2d.axes), seq_len=d2d.seq_len, num_seqs=d2d.num_seqs,
+                                      batch_size=d2d.batch_size, seed=seed, overwrite=True, progress=False)
+    return saved
 
 
 def distill_config(teacher: Path, student: Path, train_file: Path, tokenizer: Path, d: ConfigDict,
@@ -130,10 +145,11 @@ def student_model(trainer, params):
     return nnx.merge(graphdef, state)
 
 
-def distil(trainer, steps: int, eval_every: int, heldout_ppl, name: str) -> tuple[dict, list, float]:
+def distil(trainer, steps: int, tokens_per_step: int, eval_every: int, heldout_ppl, name: str
+           ) -> tuple[dict, list, float]:
     """``steps`` optimizer steps of ``trainer`` (``m2d_jax.distill.train.prepare``; its initial state is donated),
     the held-out perplexity every ``eval_every`` steps and at the end. Returns (final train state, [(step, ppl)],
-    seconds of the steps after the first, which compiles)."""
+    training tokens/s over the steps after the first, which compiles; evaluation excluded)."""
     import jax
     from tqdm import tqdm
 
@@ -146,7 +162,9 @@ def distil(trainer, steps: int, eval_every: int, heldout_ppl, name: str) -> tupl
             train_seconds += time.perf_counter() - start
         if step % eval_every == 0 or step == steps:
             curve.append((step, heldout_ppl(student_model(trainer, state["params"]))))
-    return state, curve, train_seconds
+    tokens_per_s = tokens_per_step * (steps - 1) / max(train_seconds, 1e-9)
+    log.info("distilled %s: %d steps, %.0f tokens/s after the first (compiling) step", name, steps, tokens_per_s)
+    return state, curve, tokens_per_s
 
 
 def step_time(trainers: dict, states: dict, rounds: int) -> dict[str, float]:
@@ -213,7 +231,7 @@ def _run(config: ConfigDict, work: Path) -> dict:
     from m2d_jax.eval.local_mc import build_choice_task, evaluate_choice_task
     from m2d_jax.eval.ppl import perplexity
     from m2d_jax.hf.oracle import padded_batch
-    from m2d_jax.info import summarize
+    from m2d_jax.info import load_config, summarize
     from m2d_jax.models import with_runtime
     from m2d_jax.pipeline import (calibrate_files, convert_checkpoint, import_checkpoint, random_ffn_checkpoint,
                                   select_from_files)
@@ -239,7 +257,8 @@ def _run(config: ConfigDict, work: Path) -> dict:
               f"({s['active_params']:,} active)")
     tokenizer_dir = teachers.moe
     tokenizer = load_tokenizer(tokenizer_dir)
-    splits = {split: write_split(split, work / f"{split}.jsonl") for split in ("train", "calibration", "heldout")}
+    splits = {split: write_split(split, work / f"{split}.jsonl") for split in ("calibration", "heldout")}
+    splits["train"] = write_train_sample(work / "train_sample.jsonl", d.train_chars, config.seed)
     heldout_docs = read_documents([splits["heldout"]])
     (stream,) = tokenizer.encode_batch(["\n\n".join(heldout_docs)])  # as m2d eval ppl: joined, tokenised once
     heldout = np.asarray(stream[:e.tokens], np.int32)
@@ -277,20 +296,16 @@ def _run(config: ConfigDict, work: Path) -> dict:
           f"transformers loads its export, max|dlogit| = {diff:.2e}")
     students["random_ffn"] = random_ffn_checkpoint(teacher_ckpt, k, work / "random_ffn", seed=config.seed,
                                                    overwrite=True, progress=False)
-    student_params = summarize(do_acp.config)["total_params"]
-    d2d = d2d_student_checkpoint(teachers.dense, splits["calibration"], student_params, work / "d2d", config.d2d,
-                                 config.seed)
-    if d2d is not None:
-        students["d2d"] = d2d
-    params = {name: summarize(from_pretrained(path, progress=False).config)["total_params"]
-              for name, path in students.items()}
+    students["d2d"] = d2d_student_checkpoint(teachers.dense, splits["calibration"], students["gld_reap"],
+                                             work / "d2d", config.d2d, config.seed)
+    params = {name: summarize(load_config(path)[0])["total_params"] for name, path in students.items()}
 
     stages.start("ppl", f"held-out perplexity before distillation ({len(heldout)} tokens, seq {e.seq_len})")
     pre = {MOE_TEACHER: heldout_ppl(teacher), DENSE_TEACHER: heldout_ppl(dense_teacher)}
     for name, path in students.items():
         pre[label(name)] = heldout_ppl(from_pretrained(path, progress=False))
 
-    teacher_of = {name: (DENSE_TEACHER if name == "d2d" else MOE_TEACHER) for name in d.students if name in students}
+    teacher_of = {name: (DENSE_TEACHER if name == "d2d" else MOE_TEACHER) for name in d.students}
     teacher_paths = {MOE_TEACHER: teacher_ckpt, DENSE_TEACHER: teachers.dense}
     stages.start("distill", f"m2d distill {', '.join(label(n) for n in teacher_of)}: {d.steps} steps x "
                             f"{d.batch_size} x {d.seq_len} tokens each, lr {d.learning_rate:g}")
@@ -298,11 +313,12 @@ def _run(config: ConfigDict, work: Path) -> dict:
     for name in teacher_of:
         trainer = prepare(distill_config(teacher_paths[teacher_of[name]], students[name], splits["train"],
                                          tokenizer_dir, d, work / f"distill_{name}"), devices=jax.devices()[:1])
-        state, curve, seconds = distil(trainer, d.steps, d.eval_every, heldout_ppl, label(name))
+        state, curve, tokens_per_s = distil(trainer, d.steps, d.batch_size * d.seq_len, d.eval_every, heldout_ppl,
+                                            label(name))
         distilled_models[label(name)] = student_model(trainer, state["params"])
         distilled[label(name)] = {"teacher": teacher_of[name], "ppl_before": pre[label(name)],
                                   "curve": [(0, pre[label(name)])] + curve, "ppl_after": curve[-1][1],
-                                  "train_tokens_per_s": d.batch_size * d.seq_len * (d.steps - 1) / max(seconds, 1e-9)}
+                                  "train_tokens_per_s": tokens_per_s}
         print(f"      {label(name):<10} (from the {teacher_of[name]}) held-out ppl {pre[label(name)]:.2f} -> "
               f"{curve[-1][1]:.2f}")
         if name == "gld_reap":  # reused for the step-time comparison (same student and batch)
