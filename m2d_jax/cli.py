@@ -48,6 +48,17 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+def _cmd_train_teacher(args) -> int:
+    from m2d_jax.config_utils import apply_overrides, load_config
+    from m2d_jax.teachers import train_teacher
+
+    out = train_teacher(apply_overrides(load_config(args.config), args.overrides), args.out, args.overwrite)
+    record = json.loads((out / "training.json").read_text())
+    print(f"wrote {out}: {record['tokens']} tokens in {record['train_seconds']:.0f}s, final train loss "
+          f"{record['final_train_loss']:.3f}, held-out ppl {record['heldout']['ppl']:.2f}")
+    return 0
+
+
 def _cmd_calibrate(args) -> int:
     from m2d_jax.pipeline import calibrate_files
 
@@ -243,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default="", help="student checkpoint (HF or m2d_jax); sets config.student.path")
     p.set_defaults(func=_cmd_distill)
 
+    p = sub.add_parser("train-teacher", help="train a teacher from scratch on the embedded corpus' train split, "
+                                             "export HF (override with --config.KEY=VALUE)")
+    p.add_argument("config", help="teacher config file or name, e.g. configs/teachers/moe.py")
+    p.add_argument("--out", default=None, help="output HF directory (default: config.out)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_train_teacher)
+
     p = sub.add_parser("calibrate", help="teacher routing / expert-output statistics in one pass (docs/METHOD.md §2)")
     p.add_argument("--model", required=True, help="HF or m2d_jax checkpoint directory of the MoE teacher")
     p.add_argument("--data", required=True, nargs="+", help="local text / jsonl / parquet files")
@@ -345,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown or (overrides and args.command not in ("demo", "distill")):
+    if unknown or (overrides and args.command not in ("demo", "distill", "train-teacher")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -88,6 +88,8 @@ def test_wheel_install_in_a_fresh_venv_runs_on_its_own(tmp_path, capsys):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"m2d_jax/configs/{name}" for name in CONFIG_FILES} <= names
     assert "m2d_jax/data/corpus/python_docs.jsonl.gz" in names
+    assert {f"m2d_jax/data/teachers/{teacher}/{file}" for teacher in ("moe", "dense") for file in (
+        "config.json", "model.safetensors", "tokenizer.json", "training.json")} <= names  # the shipped teachers
 
     venv = tmp_path / "venv"
     python = _venv(venv)

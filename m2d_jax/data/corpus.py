@@ -45,9 +45,9 @@ def corpus_documents(split: str) -> list[str]:
     return [r["text"] for r in corpus_records() if r["split"] == split]
 
 
-def write_split(split: str, out: str | Path, overwrite: bool = False) -> Path:
-    """``split`` as a JSON-lines file {"text"} per document, for the stages that read data files (``m2d calibrate``,
-    ``m2d distill``, ``m2d eval ppl``). Returns the absolute path."""
-    docs = corpus_documents(split)
+def write_split(split: str, out: str | Path, overwrite: bool = False, max_documents: int = 0) -> Path:
+    """``split`` (its first ``max_documents`` documents if > 0) as a JSON-lines file {"text"} per document, for the
+    stages that read data files (``m2d calibrate``, ``m2d distill``, ``m2d eval ppl``). Returns the absolute path."""
+    docs = corpus_documents(split)[:max_documents or None]
     return atomic_write(out, lambda tmp: tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs)),
                         overwrite=overwrite)
