@@ -26,13 +26,26 @@ def test_demo_refuses_an_existing_workdir(tmp_path):
         demo.run_demo(config)
 
 
+def _teachers_shipped() -> bool:
+    from m2d_jax.data.teachers import TEACHERS, teacher_dir
+    from m2d_jax.errors import DataError
+
+    try:
+        return all(teacher_dir(name) for name in TEACHERS)
+    except DataError:
+        return False
+
+
 @pytest.mark.slow
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    """On the shipped teachers when this checkout has them, else on the tiny random ones (the report says which)."""
     out = tmp_path / "demo"
-    assert m2d_main(["demo", "--quick", f"--config.workdir={out}"]) == 0
+    teachers = "shipped" if _teachers_shipped() else "random"
+    assert m2d_main(["demo", "--quick", f"--config.workdir={out}", f"--config.teachers={teachers}"]) == 0
     text = capsys.readouterr().out
     assert "demo: PASSED" in text and "dispatch=capacity" in text and "FAILED" not in text
     results = json.loads((out / demo.RESULTS).read_text())
+    assert results["teachers"]["source"] == teachers
     assert all(results["checks"].values()) and set(results["checks"]) >= {
         "teacher_parity_dense", "teacher_parity_ragged", "student_export_parity", "distillation_lowers_ppl"}
     pre = results["pre_distillation_ppl"]
