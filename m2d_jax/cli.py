@@ -29,7 +29,7 @@ def _cmd_demo(args) -> int:
     from m2d_jax.config_utils import apply_overrides, load_config
     from m2d_jax.demo import run_demo
 
-    config = apply_overrides(load_config(args.config), args.overrides)
+    config = apply_overrides(load_config("demo_quick" if args.quick else args.config), args.overrides)
     result = run_demo(config)
     print("demo:", "PASSED" if result["passed"] else "FAILED")
     return 0 if result["passed"] else 1
@@ -243,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("demo", help="the main job on an embedded tiny teacher (override with --config.KEY=VALUE)")
+    p = sub.add_parser("demo", help="the method and the paper's comparisons on the shipped teachers (override with "
+                                    "--config.KEY=VALUE)")
     p.add_argument("--config", default="demo", help="config file or name under configs/")
+    p.add_argument("--quick", action="store_true", help="the same path on a tiny budget (--config demo_quick)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("convert", help="MoE teacher + calibration statistics + selection -> dense student "
