@@ -462,6 +462,7 @@ def plot_pre_distillation(results: dict, path: Path) -> None:
     ax.bar(names, [pre[n] for n in names], color=colors)
     for name, style in ((MOE_TEACHER, "--"), (DENSE_TEACHER, ":")):
         ax.axhline(pre[name], color="black", linestyle=style, label=f"{name} ({pre[name]:.1f})")
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.set_title("Before distillation: converted students (K = k) and baselines")
