@@ -94,7 +94,7 @@ def mesh_config_dir() -> Path:
 
 
 def mesh_names() -> list[str]:
-    return sorted(p.stem.replace("_", "-") for p in mesh_config_dir().glob("*.py") if p.stem != "__init__")
+    return sorted(p.stem.replace("_", "-") for p in mesh_config_dir().glob("*.py") if p.stem not in ("__init__", "chips"))
 
 
 def load_mesh_config(name: str) -> MeshSpec:

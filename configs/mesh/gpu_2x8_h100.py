@@ -1,21 +1,16 @@
-"""gpu-2x8-h100: NVIDIA H100 SXM nodes (989 TFLOP/s dense bf16, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s bidirectional
-per GPU), 8 GPUs per node, 400 Gb/s InfiniBand per GPU between nodes."""
+"""gpu-2x8-h100: h100 chips (per-chip figures and their sources: configs/mesh/chips.py)."""
 
 from ml_collections import ConfigDict
+
+from m2d_jax.config_utils import load_config
 
 
 def get_config() -> ConfigDict:
     return ConfigDict(dict(
+        **load_config("mesh/chips")["h100"],
         name="gpu-2x8-h100",
-        platform="gpu",
         topology="2x8",  # nodes x GPUs per node (no compile target here: analytic plans)
-        topology_options=dict(),
         chips=16,
         hosts=2,
-        hbm_bytes_per_chip=80_000_000_000,
-        peak_bf16_flops_per_chip=989e12,
-        hbm_bandwidth=3350e9,  # bytes/s per chip
-        ici_bandwidth=450e9,  # bytes/s per chip, one direction (NVLink)
-        dcn_bandwidth=50e9,  # bytes/s per chip between hosts (InfiniBand, 400 Gb/s per GPU)
         axes=dict(data=1, fsdp=-1, tensor=1, expert=1),  # m2d_jax.distill.sharding.make_mesh sizes; -1 = the rest
     ))
