@@ -1,7 +1,7 @@
 """The distillation train step compiled ahead of time for a TPU topology: fused vs checkpointed loss (compiler
 estimates).
 
-    PYTHONPATH=$PWD:/work/libtpu-site JAX_PLATFORMS=cpu python benchmarks/distill_step_tpu_aot.py
+    JAX_PLATFORMS=cpu python benchmarks/distill_step_tpu_aot.py
     ... --topology v5p:2x2x1 --shapes benchmark qwen3   # the defaults; --quick: tiny shapes, a smoke run
 
 No weights and no TPU: the library's own ``m2d_jax.distill.train.make_train_step`` (the step ``m2d distill`` runs)

@@ -12,6 +12,8 @@ rest the fork's defaults (``rope_theta`` 5e5, ``rms_norm_eps`` 1e-6). The dense 
 
 from ml_collections import ConfigDict
 
+STUDENT_GROUPS = 7  # k: the 7 routed experts per token (the shared block is carried whole, not a group)
+
 
 def get_config() -> ConfigDict:
     return ConfigDict(dict(
