@@ -248,8 +248,8 @@ def test_calibrate_and_perplexity_on_a_mesh_config_equal_the_single_device_run(m
     kwargs = dict(seq_len=32, num_seqs=8, gram_tokens=64, batch_size=8, gram_chunk=16, show_progress=False)
     plain = calibrate_files(models["teacher"], [models["data"]], **kwargs)
     sharded = calibrate_files(models["teacher"], [models["data"]], mesh=axes, **kwargs)
-    for a, b in zip(plain.sums, sharded.sums):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(plain.sums, sharded.sums):  # sharded batches sum in another order: float32 rounding of each
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(a))))  # field's largest term
     ppl = evaluate_perplexity(models["student"], [models["data"]], seq_len=32, batch_size=8)
     ppl_sharded = evaluate_perplexity(models["student"], [models["data"]], seq_len=32, batch_size=8, mesh=axes)
     assert ppl_sharded.ppl == pytest.approx(ppl.ppl, rel=1e-5) and ppl_sharded.tokens == ppl.tokens
