@@ -4,9 +4,6 @@ statistics, losses, perplexity and exported weights equal the same mesh in one p
 files is written (by process 0, or collectively by Orbax)."""
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -20,7 +17,7 @@ from m2d_jax.distributed import launch_kind
 from m2d_jax.errors import MeshError
 from m2d_jax.hf import SafetensorsCheckpoint
 from multihost_worker import run_stages
-from test_multiprocess import free_port
+from test_multiprocess import launch_two_processes
 
 WORKER = Path(__file__).parent / "multihost_worker.py"
 
@@ -28,20 +25,7 @@ WORKER = Path(__file__).parent / "multihost_worker.py"
 def _two_processes(models: dict, out: Path) -> list[dict]:
     job = out.parent / f"{out.name}.job.json"
     job.write_text(json.dumps({"models": {k: str(v) for k, v in models.items()}, "out": str(out)}))
-    port = free_port()
-    logs = [out.parent / f"{out.name}.process-{i}.log" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", str(port), str(job)],
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
-    deadline = time.monotonic() + 600
-    while any(p.poll() is None for p in procs):  # a failed process leaves the other waiting at a collective
-        if any(p.returncode for p in procs) or time.monotonic() > deadline:
-            for p in procs:
-                p.kill()
-            break
-        time.sleep(0.5)
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.wait() == 0, f"process {i} failed:\n{log.read_text()[-4000:]}"
-    return [json.loads(Path(f"{job}.result-{i}.json").read_text()) for i in range(2)]
+    return launch_two_processes(WORKER, job)
 
 
 def _files(root: Path) -> set[str]:

@@ -34,17 +34,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(models, workdir: Path, **changes) -> list[dict]:
-    """``distill.train.run`` in 2 processes; returns each process's result dict."""
-    job = workdir.parent / f"{workdir.name}.job.json"
-    job.write_text(json.dumps({"models": {k: str(v) for k, v in models.items()}, "workdir": str(workdir),
-                               "changes": {**MESH, **changes}}))
+def launch_two_processes(worker: Path, job: Path) -> list[dict]:
+    """``worker PROCESS_ID 2 PORT JOB`` as two processes on localhost (logs beside ``job``); each process's result
+    dict (``JOB.result-I.json``). A failed process kills the other (it would wait at a collective)."""
     port = free_port()
-    logs = [workdir.parent / f"{workdir.name}.process-{i}.log" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", str(port), str(job)],
+    logs = [job.parent / f"{job.name}.process-{i}.log" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(worker), str(i), "2", str(port), str(job)],
                               stdout=open(log, "w"), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
     deadline = time.monotonic() + 600
-    while any(p.poll() is None for p in procs):  # a failed process leaves the other waiting at a collective
+    while any(p.poll() is None for p in procs):
         if any(p.returncode for p in procs) or time.monotonic() > deadline:
             for p in procs:
                 p.kill()
@@ -53,6 +51,14 @@ def run_two_processes(models, workdir: Path, **changes) -> list[dict]:
     for i, (p, log) in enumerate(zip(procs, logs)):
         assert p.wait() == 0, f"process {i} failed:\n{log.read_text()[-4000:]}"
     return [json.loads(Path(f"{job}.result-{i}.json").read_text()) for i in range(2)]
+
+
+def run_two_processes(models, workdir: Path, **changes) -> list[dict]:
+    """``distill.train.run`` in 2 processes; returns each process's result dict."""
+    job = workdir.parent / f"{workdir.name}.job.json"
+    job.write_text(json.dumps({"models": {k: str(v) for k, v in models.items()}, "workdir": str(workdir),
+                               "changes": {**MESH, **changes}}))
+    return launch_two_processes(WORKER, job)
 
 
 def student_params(path) -> dict:

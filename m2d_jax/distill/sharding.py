@@ -101,10 +101,11 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | Non
         if axes is None:
             axes = (None,) * value.ndim
         flat[path] = NamedSharding(mesh, logical_to_spec(tuple(axes), tuple(value.shape), mesh, rules))
-    return _unflatten(flat)
+    return unflatten_paths(flat)
 
 
-def _unflatten(flat: dict) -> dict:
+def unflatten_paths(flat: dict) -> dict:
+    """{(key, ..., leaf_key): leaf} -> the nested dict tree those key paths describe."""
     tree: dict = {}
     for path, leaf in flat.items():
         node = tree

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from m2d_jax.distill.sharding import batch_sharding, param_shardings, replicated
+from m2d_jax.distill.sharding import batch_sharding, param_shardings, replicated, unflatten_paths
 from m2d_jax.models import ModelConfig, RuntimeConfig, abstract_model
 
 
@@ -69,18 +69,8 @@ def abstract_state(config: ModelConfig, runtime: RuntimeConfig, mesh: Mesh) -> t
         sharding = node if isinstance(node, NamedSharding) else replicated(mesh)
         flat[path] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
     abstract = jax.tree.map(lambda x: x, state)
-    nnx.replace_by_pure_dict(abstract, _unflatten(flat))
+    nnx.replace_by_pure_dict(abstract, unflatten_paths(flat))
     return graphdef, abstract
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = leaf
-    return tree
 
 
 def _batch_shards(mesh) -> int:
