@@ -28,6 +28,12 @@ def config_dir() -> Path:
 def load_config(name_or_path: str | Path) -> ConfigDict:
     """Load ``get_config()`` from a config file: a path, or a shipped config's name (``demo``, ``distill/base``;
     ``.py`` and a leading ``configs/`` optional, so ``configs/distill/base.py`` works from any directory)."""
+    return load_config_module(name_or_path).get_config()
+
+
+def load_config_module(name_or_path: str | Path):
+    """The config file's module (``load_config``'s lookup), for the module-level constants some configs carry
+    beside ``get_config()`` (e.g. a model config's ``STUDENT_GROUPS``)."""
     path = Path(name_or_path)
     if not path.exists():
         name = path.relative_to("configs") if path.parts[:1] == ("configs",) else path
@@ -40,7 +46,7 @@ def load_config(name_or_path: str | Path) -> ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path}: a config file must define get_config()")
-    return module.get_config()
+    return module
 
 
 def _parse_value(text: str, old):

@@ -3,7 +3,6 @@ values) or a checkpoint directory, and the dense student ``m2d convert`` makes o
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from m2d_jax.errors import CheckpointError
@@ -20,7 +19,7 @@ def load_model(name_or_path: str | Path) -> tuple[ModelConfig, int | None]:
     """(architecture, the paper's student k or None) of a shipped model config name (``qwen3_30b_a3b``) or of an HF
     / m2d_jax checkpoint directory (config only, no weights). A model config's values go through the family
     adapter's ``config_from_hf`` exactly as a downloaded config.json would."""
-    from m2d_jax.config_utils import config_dir
+    from m2d_jax.config_utils import config_dir, load_config_module
     from m2d_jax.hf.adapters import adapter_for
 
     path = Path(name_or_path)
@@ -32,9 +31,7 @@ def load_model(name_or_path: str | Path) -> tuple[ModelConfig, int | None]:
     if not file.is_file():
         raise CheckpointError(f"--model {name_or_path}: not a checkpoint directory nor a model config "
                               f"(known: {', '.join(model_config_names())})")
-    spec = importlib.util.spec_from_file_location(f"m2d_model_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_config_module(file)
     hf = module.get_config().to_dict()
     return adapter_for(hf.get("model_type"), str(file)).config_from_hf(hf, str(file)), getattr(
         module, "STUDENT_GROUPS", None)
