@@ -27,7 +27,7 @@ def get_config() -> ConfigDict:
         dtype="float32",  # teacher (and so student) parameters for conversion and perplexity
         calibration=dict(
             stats=(),  # existing statistics file(s) (``m2d calibrate``, shards are summed); () = calibrate here
-            files=(),  # local text/jsonl/parquet files to calibrate on ("embedded" = the embedded corpus)
+            files=(),  # local text/jsonl/parquet files to calibrate on; "embedded:calibration": the embedded split
             text_field="text",
             seq_len=2048, num_seqs=512, gram_tokens=32768, batch_size=8, seed=0,  # docs/METHOD.md §2 defaults
         ),

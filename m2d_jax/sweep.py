@@ -175,13 +175,13 @@ def compared(row: dict) -> dict:
 
 
 # ---- the sweep ----------------------------------------------------------------------------------------------------
-def _data_paths(files: Sequence[str], field: str) -> list[Path]:
-    from m2d_jax.data import EMBEDDED_CORPUS
-    from m2d_jax.distill.input import EMBEDDED
+def _data_paths(files: Sequence[str], field: str) -> list[str]:
+    """Data-file entries made absolute (``embedded:<split>`` entries kept as they are)."""
+    from m2d_jax.data import EMBEDDED_PREFIX
 
     if not files:
         raise ValueError(f"config field {field}: no data files given")
-    return [EMBEDDED_CORPUS if f == EMBEDDED else Path(f).absolute() for f in files]
+    return [f if f.startswith(EMBEDDED_PREFIX) else str(Path(f).absolute()) for f in files]
 
 
 def _settings(config: ConfigDict) -> tuple[dict, dict]:

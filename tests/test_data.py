@@ -42,6 +42,22 @@ def test_read_text_jsonl_parquet_agree(corpus, tmp_path):
     assert len(read_documents([EMBEDDED_CORPUS])) == len(corpus)
 
 
+def test_embedded_split_entries_read_exactly_that_split():
+    """``embedded:<split>`` is one split of the embedded corpus (distillation's default reads only the train split, so
+    the held-out documents never reach training); a bare or unknown name is a one-line error."""
+    from m2d_jax.config_utils import load_config
+    from m2d_jax.data import corpus_documents, corpus_records
+
+    for split in ("train", "calibration", "heldout"):
+        assert read_documents([f"embedded:{split}"]) == [d for d in corpus_documents(split) if d.strip()]
+    heldout = {r["text"] for r in corpus_records() if r["split"] == "heldout"}
+    assert load_config("distill/base").data.files == ("embedded:train",)
+    assert not heldout & set(read_documents(load_config("distill/base").data.files))
+    for bad in ("embedded", "embedded:test"):
+        with pytest.raises(DataError, match="embedded:train, embedded:calibration, embedded:heldout"):
+            read_documents([bad])
+
+
 def test_file_without_extension_is_plain_text(corpus, tmp_path):
     """A licence file or README without an extension is read as text, like the same bytes named .txt."""
     (tmp_path / "LICENSE").write_text(corpus[1])

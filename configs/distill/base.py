@@ -30,7 +30,7 @@ def get_config() -> ConfigDict:
             load_balance_weight=0.01,  # objective="lm" with an MoE student: Switch load-balancing loss weight
         ),
         data=dict(
-            files=("embedded",),  # local .txt/.jsonl/.json/.parquet files; "embedded" = the embedded corpus
+            files=("embedded:train",),  # local .txt/.jsonl/.json/.parquet files; "embedded:<split>" = corpus split
             text_field="text",
             tokenizer="",  # directory with tokenizer.json; "" = the student's (then the teacher's) directory
             seq_len=2048,  # packed sequence length (docs/METHOD.md §13 open question 18)

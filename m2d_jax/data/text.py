@@ -11,6 +11,7 @@ import numpy as np
 from m2d_jax.errors import DataError
 
 EMBEDDED_CORPUS = Path(__file__).parent / "corpus" / "python_docs.jsonl.gz"
+EMBEDDED_PREFIX = "embedded:"  # a data-files entry "embedded:<split>" = that split of the embedded corpus
 _FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -33,14 +34,25 @@ def read_documents(files: Sequence[str | Path], text_field: str = "text") -> lis
     """Documents of local files through ``datasets.load_dataset`` ("text" | "json" | "parquet" by extension).
 
     Plain text files (.txt, .text, .md, .rst, or no extension such as ``LICENSE``) yield one document per file
-    (lines joined); json/jsonl/parquet yield one per record.
+    (lines joined); json/jsonl/parquet yield one per record. An entry ``embedded:train`` (``:calibration``,
+    ``:heldout``) is that split of the embedded corpus.
     """
     import datasets
+
+    from m2d_jax.data.corpus import SPLITS, corpus_documents
 
     if not files:
         raise DataError("no data files given")
     docs: list[str] = []
-    for f in map(Path, files):
+    for entry in files:
+        if str(entry).startswith(EMBEDDED_PREFIX) or str(entry) == "embedded":
+            split = str(entry)[len(EMBEDDED_PREFIX):]
+            if split not in SPLITS:
+                raise DataError(f"data file {str(entry)!r}: the embedded corpus is named by its split, expected one "
+                                f"of {', '.join(EMBEDDED_PREFIX + s for s in SPLITS)}")
+            docs.extend(corpus_documents(split))
+            continue
+        f = Path(entry)
         if not f.is_file():
             raise DataError(f"{f}: data file not found")
         fmt = _format_of(f)

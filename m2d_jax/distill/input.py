@@ -11,19 +11,17 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from m2d_jax.data import (EMBEDDED_CORPUS, DataError, load_tokenizer, pack_documents, packed_dataset, read_documents,
-                          tokenize_documents)
+from m2d_jax.data import DataError, load_tokenizer, pack_documents, packed_dataset, read_documents, tokenize_documents
 from m2d_jax.distill.sharding import batch_sharding
 
 log = logging.getLogger(__name__)
-EMBEDDED = "embedded"  # config.data.files entry for the embedded real-text corpus
 
 
 def load_windows(files: Sequence[str], tokenizer_dir: str | Path, seq_len: int, text_field: str = "text"):
-    """Packed token windows int32 [num_seqs, seq_len] of ``files`` (``"embedded"`` = the embedded corpus)."""
-    paths = [EMBEDDED_CORPUS if f == EMBEDDED else Path(f) for f in files]
+    """Packed token windows int32 [num_seqs, seq_len] of ``files`` (``"embedded:train"`` = the embedded corpus'
+    train split)."""
     tokenizer = load_tokenizer(tokenizer_dir)
-    tokens = tokenize_documents(read_documents(paths, text_field), tokenizer)
+    tokens = tokenize_documents(read_documents(files, text_field), tokenizer)
     windows = pack_documents(tokens, seq_len)
     log.info("data: %d tokens -> %d windows of %d", len(tokens), len(windows), seq_len)
     return windows, tokenizer
