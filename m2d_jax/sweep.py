@@ -181,6 +181,9 @@ def _data_paths(files: Sequence[str], field: str) -> list[str]:
 
     if not files:
         raise ValueError(f"config field {field}: no data files given")
+    missing = [f for f in files if not f.startswith(EMBEDDED_PREFIX) and not Path(f).is_file()]
+    if missing:
+        raise ValueError(f"config field {field}: data file(s) not found: {', '.join(missing)}")
     return [f if f.startswith(EMBEDDED_PREFIX) else str(Path(f).absolute()) for f in files]
 
 
@@ -298,14 +301,19 @@ def run_sweep(config: ConfigDict) -> dict:
     from m2d_jax.convert import ConversionRecipe, build_dense_student, conversion_plans
     from m2d_jax.distill.sharding import make_mesh
     from m2d_jax.distill.train import check_config, load_for_mesh
-    from m2d_jax.info import summarize
+    from m2d_jax.info import load_config, summarize
     from m2d_jax.scoring import select_experts
 
     if not config.teacher:
         raise ValueError("config field teacher: the MoE teacher's directory is required (--config.teacher=DIR)")
     if config.num_devices < 0:
         raise ValueError(f"config field num_devices: {config.num_devices}: expected >= 0 (0 = all devices)")
-    if config.distill_best:  # the distillation recipe is checked before any work
+    if not load_config(config.teacher)[0].is_moe:  # the inputs are checked before any work: a readable MoE teacher,
+        raise ValueError(f"config field teacher: {config.teacher} is a dense model (the sweep converts an MoE)")
+    if not config.calibration.stats:  # existing data files,
+        _data_paths(config.calibration.files, "calibration.files")
+    _data_paths(config.eval.files, "eval.files")
+    if config.distill_best:  # and the distillation recipe
         check_config(distill_run_config(config, Path(config.teacher), Path(config.workdir), 0))
     work = Path(config.workdir).absolute()
     work.mkdir(parents=True, exist_ok=True)

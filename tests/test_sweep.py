@@ -191,6 +191,17 @@ def test_workdir_of_other_settings_is_refused(setup, sweep_run, tmp_path):
         run_sweep(sweep_config(setup, workdir, "--config.teacher="))
 
 
+def test_bad_inputs_are_refused_before_the_workdir_is_made(setup, tmp_path):
+    from m2d_jax.errors import CheckpointError
+
+    workdir = tmp_path / "never"
+    with pytest.raises(CheckpointError, match="no config.json"):
+        run_sweep(sweep_config(setup, workdir, f"--config.teacher={tmp_path / 'missing'}"))
+    with pytest.raises(ValueError, match="config field eval.files: data file.s. not found: .*absent.jsonl"):
+        run_sweep(sweep_config(setup, workdir, f"--config.eval.files=('{tmp_path / 'absent.jsonl'}',)"))
+    assert not workdir.exists()
+
+
 @pytest.mark.slow
 def test_best_configurations_are_distilled_and_skipped_when_finished(setup, sweep_run, tmp_path, monkeypatch):
     """The best configuration of each scoring x grouping pair (here gld_reap x 2 groupings) and the overall best with
