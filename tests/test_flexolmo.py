@@ -35,6 +35,12 @@ PRENORM = dict(model_type="flex_olmo_noqknorm_prenorm", architectures=["FlexOlmo
                rope_theta=500000.0, attention_bias=True, tie_word_embeddings=True, num_experts=8,
                num_shared_experts=1, num_experts_per_tok=4, norm_topk_prob=False,
                num_experts_per_layer=[0, 8, 8], num_shared_experts_per_layer=[0, 1, 1], dense_intermediate_size=40)
+# per-layer expert counts (docs/METHOD.md §1): MoE layers of 7 and 5 routed experts (router counts 8 and 6, the last
+# one shared), padded to 7, top-3 = 2 routed + 1 shared; and without a shared expert: 5 then 7, top-2 renormalised
+PERLAYER = dict(PRENORM, num_experts_per_tok=3, num_experts_per_layer=[0, 8, 6])
+PERLAYER_NOSHARED = dict(PRENORM, num_experts=7, num_shared_experts=0, num_experts_per_tok=2, norm_topk_prob=True,
+                         num_experts_per_layer=[0, 5, 7], num_shared_experts_per_layer=[0, 0, 0])
+VARIANTS = {"prenorm": PRENORM, "prenorm_shared": None, "perlayer": PERLAYER, "perlayer_noshared": PERLAYER_NOSHARED}
 # flex_olmo_noqknorm_prenorm_shared: 7 routed experts, top-3 renormalised, a shared_mlp of width 20, untied
 PRENORM_SHARED = dict(model_type="flex_olmo_noqknorm_prenorm_shared",
                       architectures=["FlexOlmoNoQKNormPrenormSharedForCausalLM"], vocab_size=96, hidden_size=48,
@@ -42,6 +48,7 @@ PRENORM_SHARED = dict(model_type="flex_olmo_noqknorm_prenorm_shared",
                       hidden_act="silu", max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=500000.0,
                       attention_bias=False, tie_word_embeddings=False, num_experts=7, num_experts_per_tok=3,
                       norm_topk_prob=True, shared_expert_intermediate_size=20)
+VARIANTS["prenorm_shared"] = PRENORM_SHARED
 
 
 # ---- the composed oracle for the pre-norm variants -----------------------------------------------------------
@@ -96,8 +103,9 @@ def _variant_moe_class():
     return VariantMoE
 
 
-def make_variant_checkpoint(fork_config: dict, out, seed: int = 0, std: float = 0.1):
-    """The composed oracle model (returned) and its checkpoint in the fork's layout under ``out``."""
+def make_variant_checkpoint(fork_config: dict, out, seed: int = 0, std: float = 0.1, edit=None):
+    """The composed oracle model (returned) and its checkpoint in the fork's layout under ``out``; ``edit(model)``
+    changes the random parameters (under ``torch.no_grad``) before they are saved."""
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -131,6 +139,8 @@ def make_variant_checkpoint(fork_config: dict, out, seed: int = 0, std: float = 
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(1.0)
+        if edit is not None:
+            edit(model)
     model = model.eval()
     renames = {"input_layernorm": "pre_attention_layernorm", "post_attention_layernorm": "pre_feedforward_layernorm"}
     tensors = {}
@@ -164,8 +174,7 @@ def variant(tmp_path_factory):
     def build(name):
         if name not in cache:
             out = tmp_path_factory.mktemp("variant") / name
-            cache[name] = out, make_variant_checkpoint({"prenorm": PRENORM, "prenorm_shared": PRENORM_SHARED}[name],
-                                                       out, seed=len(name))
+            cache[name] = out, make_variant_checkpoint(VARIANTS[name], out, seed=len(name))
         return cache[name]
 
     return build
@@ -183,7 +192,18 @@ def test_stock_flex_olmo_matches_transformers(flex_olmo_dir):
     assert _max_diff(model(ids, mask), want, mask) <= TOL
 
 
-@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared"])
+def _unmasked(model):
+    """The same parameters read as if every padded expert were real (no per-layer counts): the negative control
+    of the padding mask."""
+    from flax import nnx
+
+    c = model.config
+    unpadded = c.replace(moe=c.moe.replace(experts=c.moe.experts.replace(num_experts_per_layer=())))
+    graphdef, _ = nnx.split(m2d_jax.models.abstract_model(unpadded, model.runtime))
+    return nnx.merge(graphdef, nnx.state(model))
+
+
+@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared", "perlayer", "perlayer_noshared"])
 def test_prenorm_variants_match_composed_oracle(variant, name):
     import torch
 
@@ -195,19 +215,32 @@ def test_prenorm_variants_match_composed_oracle(variant, name):
         assert c.ffn_kinds == ("dense", "moe", "moe") and c.ffn.intermediate_size == 40
         assert (c.moe.experts.num_experts, c.moe.router.top_k, c.moe.experts.shared_size) == (7, 3, 16)
         assert c.moe.experts.shared_scale == 1 and c.attention.bias and c.tie_word_embeddings
-    else:
+        assert c.moe.experts.num_experts_per_layer == ()
+    elif name == "prenorm_shared":
         assert (c.moe.experts.num_experts, c.moe.router.top_k, c.moe.experts.shared_size) == (7, 3, 20)
         assert c.moe.experts.shared_scale == pytest.approx(1 / 4)
         assert c.moe.router.routed_scaling_factor == pytest.approx(3 / 4)
+    else:  # padded to E = 7: the padded experts and their router columns are zeros
+        per_layer, k, shared = {"perlayer": ((7, 5), 2, 16), "perlayer_noshared": ((5, 7), 2, 0)}[name]
+        assert c.moe_layer_experts == per_layer and c.moe.experts.num_experts == 7
+        assert (c.moe.router.top_k, c.moe.experts.shared_size) == (k, shared)
+        stack = model.stacks[1].moe
+        for local, real in enumerate(per_layer):
+            assert np.all(np.asarray(stack.router.get_value())[local, :, real:] == 0)
+            assert np.all(np.asarray(stack.gate_proj.get_value())[local, real:] == 0)
+            assert np.any(np.asarray(stack.gate_proj.get_value())[local, :real] != 0)
     ids, mask = padded_batch(c.vocab_size, batch=3, seq=17, seed=2)
     with torch.no_grad():
         want = oracle(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     assert np.abs(want).max() > 0.5
     assert _max_diff(model(ids, mask), want, mask) <= TOL
+    if name.startswith("perlayer"):  # without the mask the zero logits of the padding join the softmax
+        assert _max_diff(_unmasked(model)(ids, mask), want, mask) > 1e-2
 
 
 @pytest.mark.parametrize("name", ["prenorm", pytest.param("stock", marks=pytest.mark.slow),
-                                  pytest.param("prenorm_shared", marks=pytest.mark.slow)])
+                                  pytest.param("prenorm_shared", marks=pytest.mark.slow),
+                                  pytest.param("perlayer", marks=pytest.mark.slow)])
 def test_kv_cache_greedy_equals_full_recompute(flex_olmo_dir, variant, name):
     from m2d_jax.eval import generate_tokens
     from test_eval_generate import prompts_for, recompute_greedy
@@ -233,12 +266,23 @@ def _calibrated(teacher, seed=0):
 
 
 # every expert selected (K = E = k): stock E = 4 top-4; prenorm 5 router experts = 4 routed + the shared one, top-5;
-# prenorm_shared 4 routed top-4 renormalised (each routed weight 1/4 * 4/5 = 1/5, the shared_mlp 1/5)
+# prenorm_shared 4 routed top-4 renormalised (each routed weight 1/4 * 4/5 = 1/5, the shared_mlp 1/5);
+# perlayer: 3 then 5 routed experts (+ the shared one), top-3 routed: K = k = E_1 = 3, and the second MoE layer's 5
+# experts equal (``_equal_experts``) so that any 3 of them, each at weight 1/5 (not 1/7: the padding is masked), are
+# the same
 IDENTITY = {
     "stock": dict(FLEX_OLMO, num_experts=4, num_experts_per_tok=4),
     "prenorm": dict(PRENORM, num_experts=5, num_experts_per_tok=5, num_experts_per_layer=[0, 5, 5]),
     "prenorm_shared": dict(PRENORM_SHARED, num_experts=4, num_experts_per_tok=4),
+    "perlayer": dict(PRENORM, num_experts=6, num_experts_per_tok=4, num_experts_per_layer=[0, 4, 6]),
 }
+
+
+def _equal_experts(model):
+    """Every routed expert of the last layer a copy of its expert 0 (its shared expert, the last one, kept)."""
+    experts = model.model.layers[-1].mlp.experts
+    for expert in list(experts)[1:-1]:
+        expert.load_state_dict(experts[0].state_dict())
 
 
 @pytest.mark.parametrize("name", sorted(IDENTITY))
@@ -261,7 +305,8 @@ def test_exactness_identity_through_hf_export(tmp_path, name):
         gates = [layer.mlp.gate.weight for layer in oracle.model.layers]
     else:
         path = tmp_path / "teacher"
-        oracle = make_variant_checkpoint(IDENTITY[name], path, seed=5)
+        oracle = make_variant_checkpoint(IDENTITY[name], path, seed=5,
+                                         edit=_equal_experts if name == "perlayer" else None)
         gates = [layer.mlp.gate.weight for layer in oracle.model.layers if hasattr(layer.mlp, "gate")]
     with torch.no_grad():
         for gate in gates:
@@ -269,7 +314,7 @@ def test_exactness_identity_through_hf_export(tmp_path, name):
     teacher = _zero_routers(m2d_jax.from_pretrained(path, moe_dispatch="dense"))
     k = teacher.config.moe.router.top_k
     stats = _calibrated(teacher)
-    selection = select_experts(stats, "selection_freq", teacher.config.moe.experts.num_experts)
+    selection = select_experts(stats, "selection_freq", min(teacher.config.moe_layer_experts))
     student = convert(teacher, stats, selection, ConversionRecipe(groups=k))
     dense_class = {"stock": "Olmo2ForCausalLM"}.get(name, "LlamaForCausalLM")
     out = export_model(student, tmp_path / "student", progress=False)
@@ -288,12 +333,12 @@ def test_exactness_identity_through_hf_export(tmp_path, name):
         assert _max_diff(wrong(ids, mask), want, mask) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared"])
+@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared", "perlayer"])
 def test_moe_to_dense_for_K_k_and_2k(variant, name):
-    """E = 7 routed, k = 3: every scoring selects among the routed experts only (the shared expert is never a
-    candidate); K = k (pure pruning) and K = 2k (merging) convert to a Llama student whose FFN is the NumPy merge
-    of the selected experts (alpha, DP scales) followed by the shared block (its down projection times 1 or
-    1/(k+1)); teacher dense layers are zero-padded."""
+    """E = 7 routed, k = 3 (perlayer: 7 and 5 routed, k = 2): every scoring selects among each layer's real routed
+    experts only (the shared expert and the padding are never candidates); K = k (pure pruning) and K = 2k
+    (merging) convert to a Llama student whose FFN is the NumPy merge of the selected experts (alpha, DP scales)
+    followed by the shared block (its down projection times 1 or 1/(k+1)); teacher dense layers are zero-padded."""
     from flax import nnx
 
     from m2d_jax.convert import ConversionRecipe, convert
@@ -308,9 +353,10 @@ def test_moe_to_dense_for_K_k_and_2k(variant, name):
     t = {tuple(p): np.asarray(v.get_value(), np.float64) for p, v in nnx.state(teacher, nnx.Param).flat_state()}
     moe_stack = [i for i, (kind, _, _) in enumerate(c.stacks) if kind == "moe"][0]
     first_moe = c.stacks[moe_stack][1]
-    for scoring in SCORINGS:  # the shared expert is never a candidate: 7 routed ids
+    for scoring in SCORINGS:  # the shared expert and the padding are never candidates: each layer's routed ids
         selection = select_experts(stats, scoring, 2 * k)
         assert selection.selected.shape == (len(c.moe_layers), 2 * k) and selection.selected.max() < e
+        assert (selection.selected < np.asarray(c.moe_layer_experts)[:, None]).all()
     for scoring, num_selected, grouping in (("reap", k, "round_robin"), ("gram_logdet", 2 * k, "output_cluster")):
         selection = select_experts(stats, scoring, num_selected)
         recipe = ConversionRecipe(groups=k, grouping=grouping)
@@ -337,7 +383,7 @@ def test_moe_to_dense_for_K_k_and_2k(variant, name):
             np.testing.assert_allclose(got["down"], down, rtol=1e-6, atol=1e-7, err_msg=f"{scoring} {layer}")
             if num_selected == k:  # pure pruning: each group one expert, copied
                 assert sorted(np.count_nonzero(plan.alpha, axis=1).tolist()) == [1] * k
-        if name == "prenorm":  # the dense layer 0 (width 40) zero-padded to k*m + m_s = 64
+        if name != "prenorm_shared":  # the dense layer 0 (width 40) zero-padded to k*m + m_s (64; perlayer 48)
             up = s[("stacks", 0, "mlp", "up_proj", "kernel")][0]
             np.testing.assert_array_equal(up[:, :40], t[("stacks", 0, "mlp", "up_proj", "kernel")][0])
             np.testing.assert_array_equal(up[:, 40:], 0)
@@ -346,7 +392,9 @@ def test_moe_to_dense_for_K_k_and_2k(variant, name):
 @pytest.mark.parametrize("changes, match", [
     (dict(num_shared_experts=2, num_shared_experts_per_layer=[0, 2, 2]), "only 0 or 1 is supported"),
     (dict(norm_topk_prob=True), "'norm_topk_prob': true is unsupported with num_shared_experts > 0"),
-    (dict(num_experts_per_layer=[0, 8, 6]), "every MoE layer must have the same counts"),
+    (dict(num_shared_experts_per_layer=[0, 1, 0]), "every MoE layer must have the same number of shared experts"),
+    (dict(num_experts_per_layer=[0, 8, 3]), "'num_experts_per_tok': 4 exceeds the 3 experts of the smallest MoE"),
+    (dict(num_experts_per_layer=[0, 8, -2]), "'num_experts_per_layer': .* must be >= 0"),
     (dict(num_shared_experts_per_layer=[0, 1]), "'num_shared_experts_per_layer': 2 entries for num_hidden_layers=3"),
     (dict(num_experts_per_tok=1), "'num_experts_per_tok': 1 must exceed num_shared_experts=1"),
     (dict(hidden_act="gelu"), "unsupported activation 'gelu'"),
@@ -427,7 +475,7 @@ def test_distillation_step_and_perplexity(tmp_path):
         assert got.ppl == pytest.approx(math.exp(nll / count), rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["prenorm", pytest.param("prenorm_shared", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["prenorm", "perlayer", pytest.param("prenorm_shared", marks=pytest.mark.slow)])
 def test_variant_teacher_export_round_trip(variant, tmp_path, name):
     """A variant teacher exports back to the fork's config.json fields and key names (the shared expert as the
     router's last expert, its router row zero) and re-imports to the same architecture, parameters and logits."""
@@ -439,13 +487,13 @@ def test_variant_teacher_export_round_trip(variant, tmp_path, name):
     teacher = m2d_jax.from_pretrained(path)
     out = export_model(teacher, tmp_path / "teacher", progress=False)
     written = json.loads((out / "config.json").read_text())
-    fork = PRENORM if name == "prenorm" else PRENORM_SHARED
+    fork = VARIANTS[name]
     assert {f: written[f] for f in fork if f != "rope_theta"} == {f: v for f, v in fork.items() if f != "rope_theta"}
     assert written["rope_parameters"] == {"rope_type": "default", "rope_theta": fork["rope_theta"]}
     original, exported = load_file(str(path / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert original.keys() == exported.keys()
     for key, value in original.items():
-        if name == "prenorm" and key.endswith("mlp.gate.weight"):  # the shared expert's logit row is unused
+        if fork.get("num_shared_experts") and key.endswith("mlp.gate.weight"):  # the shared logit row is unused
             np.testing.assert_array_equal(exported[key][:-1], value[:-1])
             np.testing.assert_array_equal(exported[key][-1], 0)
         else:
