@@ -502,3 +502,96 @@ def test_variant_teacher_export_round_trip(variant, tmp_path, name):
     assert again.config == teacher.config
     ids, mask = padded_batch(teacher.config.vocab_size, 2, 9, 3)
     np.testing.assert_array_equal(np.asarray(again(ids, mask)), np.asarray(teacher(ids, mask)))
+
+
+# ---- per-layer expert counts: padding in calibration, scoring, conversion, counting ------------------------------
+def _one_layer(stats, i):
+    """MoE layer ``i`` of padded statistics as the statistics of an unpadded one-layer model of its E_l experts."""
+    from m2d_jax.calibration import CalibrationStats, StatSums
+
+    real = stats.experts_per_layer[i]
+
+    def cut(name, value):
+        value = np.asarray(value)[i:i + 1]
+        if value.ndim == 1:
+            return value
+        return value[:, :real, :real] if name in ("router_logit_moment", "gram") else value[:, :real]
+
+    metadata = dict(stats.metadata, num_experts=real, moe_layers=[stats.moe_layers[i]])
+    del metadata["num_experts_per_layer"]
+    return CalibrationStats(StatSums(*(cut(n, getattr(stats.sums, n)) for n in StatSums._fields)), metadata)
+
+
+def test_padded_experts_are_never_selected_and_each_layer_selects_as_if_unpadded(variant):
+    """perlayer (7 and 5 routed experts, E = 7, k = 2): the padded experts' statistics are exactly 0; every scoring
+    selects in each layer what it selects in that layer alone, unpadded (K = k, and K = 5 = every real expert of the
+    smaller layer), with the same weight scores; the D-optimal kernel's ridge is averaged over the real experts only
+    and the greedy takes a padded expert (even one with the largest residual) only after every real one, as a
+    filled slot; K > 5 and a plan that would merge a padded expert are clear errors."""
+    from m2d_jax.calibration import StatSums, validate
+    from m2d_jax.convert.plan import plan_conversion
+    from m2d_jax.errors import StatsError
+    from m2d_jax.scoring import SCORINGS, DO_IMPORTANCE, greedy_logdet, importance_order, logdet_kernel, score, \
+        select_experts
+
+    teacher = m2d_jax.from_pretrained(variant("perlayer")[0])
+    stats = validate(_calibrated(teacher, seed=2))
+    assert stats.experts_per_layer == [7, 5] and stats.num_experts == 7 and stats.top_k == 2
+    padded = ~stats.real_experts
+    for name in StatSums._fields:
+        value = np.asarray(getattr(stats.sums, name))
+        if value.ndim > 1:
+            assert np.all(value[1, 5:] == 0), name
+            if name in ("router_logit_moment", "gram"):
+                assert np.all(value[1, :, 5:] == 0), name
+    assert stats.sums.gram[1, 4, 4] > 0 and stats.sums.selected_count[1, :5].sum() == 2 * stats.sums.tokens[1]
+    for scoring in SCORINGS:
+        for num_selected in (2, 5):
+            selection = select_experts(stats, scoring, num_selected)
+            assert not padded[np.arange(2)[:, None], selection.selected].any()
+            for i in range(2):
+                alone = select_experts(_one_layer(stats, i), scoring, num_selected)
+                np.testing.assert_array_equal(selection.selected[i], alone.selected[0], err_msg=scoring)
+                np.testing.assert_allclose(selection.weight_scores[i, :stats.experts_per_layer[i]],
+                                           alone.weight_scores[0], rtol=1e-12, err_msg=scoring)
+        if scoring in DO_IMPORTANCE:  # ranks over all E: the padding last
+            ranks = score(stats, scoring)
+            assert ranks[1, 5:].max() < ranks[1, :5].min()
+    # the kernel of a padded layer restricted to its real experts is the unpadded kernel (the ridge over E_l only)
+    importance = score(stats, "conditional_prob")
+    kernel = logdet_kernel(stats.sums.gram, importance, candidates=stats.real_experts)
+    np.testing.assert_allclose(kernel[1, :5, :5], logdet_kernel(stats.sums.gram[1:, :5, :5], importance[1:, :5])[0],
+                               rtol=1e-12)
+    assert not np.allclose(logdet_kernel(stats.sums.gram, importance)[1, :5, :5], kernel[1, :5, :5], rtol=1e-12)
+    # a non-candidate with the largest residual and the best score still comes after every candidate
+    candidates = np.array([[True, True, False]])
+    np.testing.assert_array_equal(importance_order(np.array([[1.0, 2.0, 5.0]]), candidates=candidates), [[1, 0, 2]])
+    result = greedy_logdet(np.diag([1.0, 2.0, 5.0])[None], 3, candidates=candidates)
+    np.testing.assert_array_equal(result.selected, [[1, 0, 2]])
+    np.testing.assert_array_equal(result.filled, [[False, False, True]])
+    assert result.gains[0, 2] == -np.inf
+    with pytest.raises(StatsError, match=r"K=6 .*MoE layer 2 has only 5 experts"):
+        select_experts(stats, "reap", 6)
+    with pytest.raises(ValueError, match=r"MoE layer 2 must be distinct ids in \[0, 5\)"):
+        plan_conversion(teacher, [[0, 1], [0, 6]], np.ones((2, 7)), 2, "round_robin", "uniform")
+
+
+@pytest.mark.parametrize("name", ["perlayer", "perlayer_noshared"])
+def test_info_counts_the_real_experts(variant, name, capsys):
+    """``m2d info`` of a padded teacher: total parameters = the composed oracle's (transformers modules) numel sum,
+    less the shared expert's unused router row per MoE layer; active = total - sum_l (E_l - k) routed experts."""
+    from m2d_jax.cli import main
+    from m2d_jax.info import load_config
+    from m2d_jax.models import RuntimeConfig
+
+    path, oracle = variant(name)
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    config = load_config(path)[0]
+    d, m, k = config.hidden_size, config.moe.experts.intermediate_size, config.moe.router.top_k
+    unused_router_rows = len(config.moe_layers) * d if config.moe.experts.shared_size else 0
+    assert info["total_params"] == sum(p.numel() for p in oracle.parameters()) - unused_router_rows
+    assert info["active_params"] == info["total_params"] - sum(n - k for n in config.moe_layer_experts) * 3 * d * m
+    assert info["experts"] == 7 and info["experts_per_layer"] == list(config.moe_layer_experts)
+    with pytest.raises(ValueError, match="top_k=6 exceeds the model's 5 experts in its smallest MoE layer"):
+        RuntimeConfig(top_k=6).top_k_for(config)
