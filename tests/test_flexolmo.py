@@ -576,6 +576,38 @@ def test_padded_experts_are_never_selected_and_each_layer_selects_as_if_unpadded
         plan_conversion(teacher, [[0, 1], [0, 6]], np.ones((2, 7)), 2, "round_robin", "uniform")
 
 
+def test_sharded_import_reads_any_expert_range_of_the_padded_leaves(variant):
+    """The per-shard reader of a sharded import on the padded leaves (perlayer: 7 and 5 routed experts): any range
+    of experts of the router and of the experts (all real, straddling the padding, all padding), for one layer or
+    both, equals that range of the whole imported leaf (real experts as stored, padding 0)."""
+    import itertools
+
+    import jax
+    from flax import nnx
+
+    from m2d_jax.hf.adapters import adapter_for
+    from m2d_jax.hf.load import _leaf_reader, _placements
+    from m2d_jax.hf.safetensors_io import SafetensorsCheckpoint
+    from m2d_jax.models import abstract_model
+
+    path, _ = variant("perlayer")
+    model = m2d_jax.from_pretrained(path)
+    config = model.config
+    whole = {tuple(k): np.asarray(v.get_value()) for k, v in nnx.state(model).flat_state()}
+    abstract = {tuple(k): v.get_value() for k, v in nnx.state(abstract_model(config)).flat_state()}
+    placements = _placements(config, adapter_for(config.family, "config.json"), "per_expert")
+    with SafetensorsCheckpoint(path) as ckpt:
+        for name, axis in (("router", 2), ("down_proj", 1)):  # [layers, d, E], [layers, E, m, d]
+            leaf = ("stacks", 1, "moe", name)
+            struct = jax.ShapeDtypeStruct(abstract[leaf].shape, abstract[leaf].dtype)
+            read = _leaf_reader(ckpt, *placements[leaf], abstract, struct)
+            for layers, (first, end) in itertools.product((slice(0, 2), slice(1, 2)), ((0, 3), (3, 6), (5, 7))):
+                index = [slice(None)] * len(struct.shape)
+                index[0], index[axis] = layers, slice(first, end)
+                np.testing.assert_array_equal(read(tuple(index)), whole[leaf][tuple(index)], err_msg=f"{name}")
+    assert np.any(whole[("stacks", 1, "moe", "router")][1, :, 3:5] != 0)
+
+
 @pytest.mark.parametrize("name", ["perlayer", "perlayer_noshared"])
 def test_info_counts_the_real_experts(variant, name, capsys):
     """``m2d info`` of a padded teacher: total parameters = the composed oracle's (transformers modules) numel sum,

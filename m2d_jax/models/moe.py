@@ -101,6 +101,15 @@ def route_topk_softmax(logits, k: int) -> Routing:
     return Routing(logits, jax.nn.softmax(logits.astype(jnp.float32), axis=-1), top_idx.astype(jnp.int32), weights)
 
 
+def mask_padded_experts(rule: Callable[[jax.Array], Routing], logits, real_experts) -> Routing:
+    """``rule(logits)`` with the padded experts (``real_experts`` [E] False; per-layer expert counts) removed: their
+    logits are -inf inside the rule (probability exactly 0, never selected) and 0 in ``Routing.logits``."""
+    if real_experts is None:
+        return rule(logits)
+    routing = rule(jnp.where(real_experts, logits, -jnp.inf))
+    return routing._replace(logits=jnp.where(real_experts, logits, 0))
+
+
 def default_dispatch(platform: str | None = None) -> str:
     """``blocks`` on CPU (fastest exact path there, whatever the routing skew), ``ragged`` on TPU/GPU (grouped
     matmul kernels). ``platform`` (default: jax's default backend) names the target, e.g. for an AOT compile."""
@@ -264,27 +273,24 @@ class MoE(nnx.Module):
 
     def route(self, x, real_experts=None) -> Routing:
         """x [T, d] -> the family's routing decision. ``real_experts`` [E] bool (per-layer expert counts): the
-        others are padding, their logits -inf inside the rule (probability exactly 0, never selected) and 0 in
-        ``Routing.logits``."""
+        others are padding (``mask_padded_experts``)."""
         r = self.config.moe.router
         if r.rule == "softmax_topk_scaled":  # DeepSeek computes router logits in float32
             logits = x.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+            return mask_padded_experts(lambda z: route_softmax_topk_scaled(
+                z, self.top_k, r.routed_scaling_factor, r.n_group if r.topk_method == "group_limited_greedy" else 1,
+                r.topk_group, out_dtype=x.dtype), logits, real_experts)
+        logits = x @ self.router[...].astype(x.dtype)  # [T, E]
+        if r.bias:
+            logits = logits + self.router_bias[...].astype(x.dtype)
+        if r.rule == "topk_softmax":
+            routing = mask_padded_experts(lambda z: route_topk_softmax(z, self.top_k), logits, real_experts)
         else:
-            logits = x @ self.router[...].astype(x.dtype)  # [T, E]
-            if r.bias:
-                logits = logits + self.router_bias[...].astype(x.dtype)
-        masked = logits if real_experts is None else jnp.where(real_experts, logits, -jnp.inf)
-        if r.rule == "softmax_topk_scaled":
-            routing = route_softmax_topk_scaled(masked, self.top_k, r.routed_scaling_factor,
-                                                r.n_group if r.topk_method == "group_limited_greedy" else 1,
-                                                r.topk_group, out_dtype=x.dtype)
-        elif r.rule == "topk_softmax":
-            routing = route_topk_softmax(masked, self.top_k)
-        else:
-            routing = route_softmax_topk(masked, self.top_k, r.norm_topk_prob)
-        if r.routed_scaling_factor != 1 and r.rule != "softmax_topk_scaled":  # FlexOlmo shared_mlp: routed x k/(k+1)
+            routing = mask_padded_experts(lambda z: route_softmax_topk(z, self.top_k, r.norm_topk_prob), logits,
+                                          real_experts)
+        if r.routed_scaling_factor != 1:  # FlexOlmo's shared_mlp variant: routed part weighted k/(k+1)
             routing = routing._replace(top_weight=routing.top_weight * r.routed_scaling_factor)
-        return routing if real_experts is None else routing._replace(logits=jnp.where(real_experts, logits, 0))
+        return routing
 
     def expert_weights(self, dtype) -> ExpertWeights:
         names = ("gate_proj", "up_proj", "down_proj") + (("gate_bias", "up_bias", "down_bias")
