@@ -18,22 +18,31 @@ def param_shapes(config: ModelConfig, runtime: RuntimeConfig | None = None
     return {tuple(k): (tuple(v.get_value().shape), str(v.get_value().dtype)) for k, v in state.flat_state()}
 
 
+_EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj", "gate_bias", "up_bias", "down_bias")  # routed experts
+
+
 def summarize(config: ModelConfig, runtime: RuntimeConfig | None = None) -> dict:
     """Counts for ``m2d info``. Active parameters count the k of E routed experts a token uses (embeddings and LM
-    head included, as model cards do); ``runtime`` gives the parameter dtype (default float32) and the dispatch."""
+    head included, as model cards do); ``runtime`` gives the parameter dtype (default float32) and the dispatch.
+    With per-layer expert counts, the padded experts (and their router columns) are not counted: the totals are
+    those of the real model."""
     runtime = runtime if runtime is not None else RuntimeConfig()
-    total, routed = 0, 0
+    total = 0
+    slot: dict[str, int] = {}  # routed-expert / router leaf name -> its parameters per expert slot in one layer
     by_dtype: Counter = Counter()
+    moe = config.moe
     for path, (shape, dtype) in param_shapes(config, runtime).items():
         n = int(np.prod(shape))
         total += n
         by_dtype[dtype] += n * np.dtype(dtype).itemsize
-        if "moe" in path and path[-1] in ("gate_proj", "up_proj", "down_proj", "gate_bias", "up_bias", "down_bias"):
-            routed += n
+        if "moe" in path and path[-1] in _EXPERT_LEAVES + ("router", "router_bias"):  # [layers, E, ...] / [.., E]
+            slot[path[-1]] = n // (shape[0] * moe.experts.num_experts)
     active = total
-    moe = config.moe
     if moe is not None:
-        active = total - routed + routed * runtime.top_k_for(config) // moe.experts.num_experts
+        expert = sum(slot[name] for name in _EXPERT_LEAVES if name in slot)  # one routed expert
+        real = sum(config.moe_layer_experts)  # real experts over all MoE layers (the rest is padding)
+        total -= (len(config.moe_layers) * moe.experts.num_experts - real) * sum(slot.values())
+        active = total - real * expert + len(config.moe_layers) * runtime.top_k_for(config) * expert
     embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     router = ""
     if moe is not None:
@@ -48,6 +57,7 @@ def summarize(config: ModelConfig, runtime: RuntimeConfig | None = None) -> dict
         "hidden_size": config.hidden_size,
         "attention": _attention_summary(config),
         "experts": moe.experts.num_experts if moe else 0,
+        **({"experts_per_layer": list(config.moe_layer_experts)} if moe and moe.experts.num_experts_per_layer else {}),
         "top_k": runtime.top_k_for(config) if moe else 0,
         "router": router,
         "expert_width": moe.experts.intermediate_size if moe else 0,

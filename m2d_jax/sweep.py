@@ -327,7 +327,7 @@ def run_sweep(config: ConfigDict) -> dict:
     stats, stats_paths = _statistics(config, work)
     teacher, _ = load_for_mesh(config.teacher, mesh, config.dtype)
     stats.check_model(teacher.config)
-    top_k, num_experts = stats.top_k, stats.num_experts
+    top_k, num_experts = stats.top_k, min(stats.experts_per_layer)  # E of the smallest MoE layer
     tokens = _eval_tokens(config, teacher.config.vocab_size)
     teacher_file = work / "teacher_ppl.json"
     if not teacher_file.exists():

@@ -35,6 +35,12 @@ PRENORM = dict(model_type="flex_olmo_noqknorm_prenorm", architectures=["FlexOlmo
                rope_theta=500000.0, attention_bias=True, tie_word_embeddings=True, num_experts=8,
                num_shared_experts=1, num_experts_per_tok=4, norm_topk_prob=False,
                num_experts_per_layer=[0, 8, 8], num_shared_experts_per_layer=[0, 1, 1], dense_intermediate_size=40)
+# per-layer expert counts (docs/METHOD.md §1): MoE layers of 7 and 5 routed experts (router counts 8 and 6, the last
+# one shared), padded to 7, top-3 = 2 routed + 1 shared; and without a shared expert: 5 then 7, top-2 renormalised
+PERLAYER = dict(PRENORM, num_experts_per_tok=3, num_experts_per_layer=[0, 8, 6])
+PERLAYER_NOSHARED = dict(PRENORM, num_experts=7, num_shared_experts=0, num_experts_per_tok=2, norm_topk_prob=True,
+                         num_experts_per_layer=[0, 5, 7], num_shared_experts_per_layer=[0, 0, 0])
+VARIANTS = {"prenorm": PRENORM, "prenorm_shared": None, "perlayer": PERLAYER, "perlayer_noshared": PERLAYER_NOSHARED}
 # flex_olmo_noqknorm_prenorm_shared: 7 routed experts, top-3 renormalised, a shared_mlp of width 20, untied
 PRENORM_SHARED = dict(model_type="flex_olmo_noqknorm_prenorm_shared",
                       architectures=["FlexOlmoNoQKNormPrenormSharedForCausalLM"], vocab_size=96, hidden_size=48,
@@ -42,6 +48,7 @@ PRENORM_SHARED = dict(model_type="flex_olmo_noqknorm_prenorm_shared",
                       hidden_act="silu", max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=500000.0,
                       attention_bias=False, tie_word_embeddings=False, num_experts=7, num_experts_per_tok=3,
                       norm_topk_prob=True, shared_expert_intermediate_size=20)
+VARIANTS["prenorm_shared"] = PRENORM_SHARED
 
 
 # ---- the composed oracle for the pre-norm variants -----------------------------------------------------------
@@ -96,8 +103,9 @@ def _variant_moe_class():
     return VariantMoE
 
 
-def make_variant_checkpoint(fork_config: dict, out, seed: int = 0, std: float = 0.1):
-    """The composed oracle model (returned) and its checkpoint in the fork's layout under ``out``."""
+def make_variant_checkpoint(fork_config: dict, out, seed: int = 0, std: float = 0.1, edit=None):
+    """The composed oracle model (returned) and its checkpoint in the fork's layout under ``out``; ``edit(model)``
+    changes the random parameters (under ``torch.no_grad``) before they are saved."""
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -131,6 +139,8 @@ def make_variant_checkpoint(fork_config: dict, out, seed: int = 0, std: float = 
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(1.0)
+        if edit is not None:
+            edit(model)
     model = model.eval()
     renames = {"input_layernorm": "pre_attention_layernorm", "post_attention_layernorm": "pre_feedforward_layernorm"}
     tensors = {}
@@ -164,8 +174,7 @@ def variant(tmp_path_factory):
     def build(name):
         if name not in cache:
             out = tmp_path_factory.mktemp("variant") / name
-            cache[name] = out, make_variant_checkpoint({"prenorm": PRENORM, "prenorm_shared": PRENORM_SHARED}[name],
-                                                       out, seed=len(name))
+            cache[name] = out, make_variant_checkpoint(VARIANTS[name], out, seed=len(name))
         return cache[name]
 
     return build
@@ -183,7 +192,18 @@ def test_stock_flex_olmo_matches_transformers(flex_olmo_dir):
     assert _max_diff(model(ids, mask), want, mask) <= TOL
 
 
-@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared"])
+def _unmasked(model):
+    """The same parameters read as if every padded expert were real (no per-layer counts): the negative control
+    of the padding mask."""
+    from flax import nnx
+
+    c = model.config
+    unpadded = c.replace(moe=c.moe.replace(experts=c.moe.experts.replace(num_experts_per_layer=())))
+    graphdef, _ = nnx.split(m2d_jax.models.abstract_model(unpadded, model.runtime))
+    return nnx.merge(graphdef, nnx.state(model))
+
+
+@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared", "perlayer", "perlayer_noshared"])
 def test_prenorm_variants_match_composed_oracle(variant, name):
     import torch
 
@@ -195,19 +215,32 @@ def test_prenorm_variants_match_composed_oracle(variant, name):
         assert c.ffn_kinds == ("dense", "moe", "moe") and c.ffn.intermediate_size == 40
         assert (c.moe.experts.num_experts, c.moe.router.top_k, c.moe.experts.shared_size) == (7, 3, 16)
         assert c.moe.experts.shared_scale == 1 and c.attention.bias and c.tie_word_embeddings
-    else:
+        assert c.moe.experts.num_experts_per_layer == ()
+    elif name == "prenorm_shared":
         assert (c.moe.experts.num_experts, c.moe.router.top_k, c.moe.experts.shared_size) == (7, 3, 20)
         assert c.moe.experts.shared_scale == pytest.approx(1 / 4)
         assert c.moe.router.routed_scaling_factor == pytest.approx(3 / 4)
+    else:  # padded to E = 7: the padded experts and their router columns are zeros
+        per_layer, k, shared = {"perlayer": ((7, 5), 2, 16), "perlayer_noshared": ((5, 7), 2, 0)}[name]
+        assert c.moe_layer_experts == per_layer and c.moe.experts.num_experts == 7
+        assert (c.moe.router.top_k, c.moe.experts.shared_size) == (k, shared)
+        stack = model.stacks[1].moe
+        for local, real in enumerate(per_layer):
+            assert np.all(np.asarray(stack.router.get_value())[local, :, real:] == 0)
+            assert np.all(np.asarray(stack.gate_proj.get_value())[local, real:] == 0)
+            assert np.any(np.asarray(stack.gate_proj.get_value())[local, :real] != 0)
     ids, mask = padded_batch(c.vocab_size, batch=3, seq=17, seed=2)
     with torch.no_grad():
         want = oracle(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     assert np.abs(want).max() > 0.5
     assert _max_diff(model(ids, mask), want, mask) <= TOL
+    if name.startswith("perlayer"):  # without the mask the zero logits of the padding join the softmax
+        assert _max_diff(_unmasked(model)(ids, mask), want, mask) > 1e-2
 
 
 @pytest.mark.parametrize("name", ["prenorm", pytest.param("stock", marks=pytest.mark.slow),
-                                  pytest.param("prenorm_shared", marks=pytest.mark.slow)])
+                                  pytest.param("prenorm_shared", marks=pytest.mark.slow),
+                                  pytest.param("perlayer", marks=pytest.mark.slow)])
 def test_kv_cache_greedy_equals_full_recompute(flex_olmo_dir, variant, name):
     from m2d_jax.eval import generate_tokens
     from test_eval_generate import prompts_for, recompute_greedy
@@ -233,12 +266,23 @@ def _calibrated(teacher, seed=0):
 
 
 # every expert selected (K = E = k): stock E = 4 top-4; prenorm 5 router experts = 4 routed + the shared one, top-5;
-# prenorm_shared 4 routed top-4 renormalised (each routed weight 1/4 * 4/5 = 1/5, the shared_mlp 1/5)
+# prenorm_shared 4 routed top-4 renormalised (each routed weight 1/4 * 4/5 = 1/5, the shared_mlp 1/5);
+# perlayer: 3 then 5 routed experts (+ the shared one), top-3 routed: K = k = E_1 = 3, and the second MoE layer's 5
+# experts equal (``_equal_experts``) so that any 3 of them, each at weight 1/5 (not 1/7: the padding is masked), are
+# the same
 IDENTITY = {
     "stock": dict(FLEX_OLMO, num_experts=4, num_experts_per_tok=4),
     "prenorm": dict(PRENORM, num_experts=5, num_experts_per_tok=5, num_experts_per_layer=[0, 5, 5]),
     "prenorm_shared": dict(PRENORM_SHARED, num_experts=4, num_experts_per_tok=4),
+    "perlayer": dict(PRENORM, num_experts=6, num_experts_per_tok=4, num_experts_per_layer=[0, 4, 6]),
 }
+
+
+def _equal_experts(model):
+    """Every routed expert of the last layer a copy of its expert 0 (its shared expert, the last one, kept)."""
+    experts = model.model.layers[-1].mlp.experts
+    for expert in list(experts)[1:-1]:
+        expert.load_state_dict(experts[0].state_dict())
 
 
 @pytest.mark.parametrize("name", sorted(IDENTITY))
@@ -261,7 +305,8 @@ def test_exactness_identity_through_hf_export(tmp_path, name):
         gates = [layer.mlp.gate.weight for layer in oracle.model.layers]
     else:
         path = tmp_path / "teacher"
-        oracle = make_variant_checkpoint(IDENTITY[name], path, seed=5)
+        oracle = make_variant_checkpoint(IDENTITY[name], path, seed=5,
+                                         edit=_equal_experts if name == "perlayer" else None)
         gates = [layer.mlp.gate.weight for layer in oracle.model.layers if hasattr(layer.mlp, "gate")]
     with torch.no_grad():
         for gate in gates:
@@ -269,7 +314,7 @@ def test_exactness_identity_through_hf_export(tmp_path, name):
     teacher = _zero_routers(m2d_jax.from_pretrained(path, moe_dispatch="dense"))
     k = teacher.config.moe.router.top_k
     stats = _calibrated(teacher)
-    selection = select_experts(stats, "selection_freq", teacher.config.moe.experts.num_experts)
+    selection = select_experts(stats, "selection_freq", min(teacher.config.moe_layer_experts))
     student = convert(teacher, stats, selection, ConversionRecipe(groups=k))
     dense_class = {"stock": "Olmo2ForCausalLM"}.get(name, "LlamaForCausalLM")
     out = export_model(student, tmp_path / "student", progress=False)
@@ -288,12 +333,12 @@ def test_exactness_identity_through_hf_export(tmp_path, name):
         assert _max_diff(wrong(ids, mask), want, mask) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared"])
+@pytest.mark.parametrize("name", ["prenorm", "prenorm_shared", "perlayer"])
 def test_moe_to_dense_for_K_k_and_2k(variant, name):
-    """E = 7 routed, k = 3: every scoring selects among the routed experts only (the shared expert is never a
-    candidate); K = k (pure pruning) and K = 2k (merging) convert to a Llama student whose FFN is the NumPy merge
-    of the selected experts (alpha, DP scales) followed by the shared block (its down projection times 1 or
-    1/(k+1)); teacher dense layers are zero-padded."""
+    """E = 7 routed, k = 3 (perlayer: 7 and 5 routed, k = 2): every scoring selects among each layer's real routed
+    experts only (the shared expert and the padding are never candidates); K = k (pure pruning) and K = 2k
+    (merging) convert to a Llama student whose FFN is the NumPy merge of the selected experts (alpha, DP scales)
+    followed by the shared block (its down projection times 1 or 1/(k+1)); teacher dense layers are zero-padded."""
     from flax import nnx
 
     from m2d_jax.convert import ConversionRecipe, convert
@@ -308,9 +353,10 @@ def test_moe_to_dense_for_K_k_and_2k(variant, name):
     t = {tuple(p): np.asarray(v.get_value(), np.float64) for p, v in nnx.state(teacher, nnx.Param).flat_state()}
     moe_stack = [i for i, (kind, _, _) in enumerate(c.stacks) if kind == "moe"][0]
     first_moe = c.stacks[moe_stack][1]
-    for scoring in SCORINGS:  # the shared expert is never a candidate: 7 routed ids
+    for scoring in SCORINGS:  # the shared expert and the padding are never candidates: each layer's routed ids
         selection = select_experts(stats, scoring, 2 * k)
         assert selection.selected.shape == (len(c.moe_layers), 2 * k) and selection.selected.max() < e
+        assert (selection.selected < np.asarray(c.moe_layer_experts)[:, None]).all()
     for scoring, num_selected, grouping in (("reap", k, "round_robin"), ("gram_logdet", 2 * k, "output_cluster")):
         selection = select_experts(stats, scoring, num_selected)
         recipe = ConversionRecipe(groups=k, grouping=grouping)
@@ -337,7 +383,7 @@ def test_moe_to_dense_for_K_k_and_2k(variant, name):
             np.testing.assert_allclose(got["down"], down, rtol=1e-6, atol=1e-7, err_msg=f"{scoring} {layer}")
             if num_selected == k:  # pure pruning: each group one expert, copied
                 assert sorted(np.count_nonzero(plan.alpha, axis=1).tolist()) == [1] * k
-        if name == "prenorm":  # the dense layer 0 (width 40) zero-padded to k*m + m_s = 64
+        if name != "prenorm_shared":  # the dense layer 0 (width 40) zero-padded to k*m + m_s (64; perlayer 48)
             up = s[("stacks", 0, "mlp", "up_proj", "kernel")][0]
             np.testing.assert_array_equal(up[:, :40], t[("stacks", 0, "mlp", "up_proj", "kernel")][0])
             np.testing.assert_array_equal(up[:, 40:], 0)
@@ -346,7 +392,9 @@ def test_moe_to_dense_for_K_k_and_2k(variant, name):
 @pytest.mark.parametrize("changes, match", [
     (dict(num_shared_experts=2, num_shared_experts_per_layer=[0, 2, 2]), "only 0 or 1 is supported"),
     (dict(norm_topk_prob=True), "'norm_topk_prob': true is unsupported with num_shared_experts > 0"),
-    (dict(num_experts_per_layer=[0, 8, 6]), "every MoE layer must have the same counts"),
+    (dict(num_shared_experts_per_layer=[0, 1, 0]), "every MoE layer must have the same number of shared experts"),
+    (dict(num_experts_per_layer=[0, 8, 3]), "'num_experts_per_tok': 4 exceeds the 3 experts of the smallest MoE"),
+    (dict(num_experts_per_layer=[0, 8, -2]), "'num_experts_per_layer': .* must be >= 0"),
     (dict(num_shared_experts_per_layer=[0, 1]), "'num_shared_experts_per_layer': 2 entries for num_hidden_layers=3"),
     (dict(num_experts_per_tok=1), "'num_experts_per_tok': 1 must exceed num_shared_experts=1"),
     (dict(hidden_act="gelu"), "unsupported activation 'gelu'"),
@@ -427,7 +475,7 @@ def test_distillation_step_and_perplexity(tmp_path):
         assert got.ppl == pytest.approx(math.exp(nll / count), rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["prenorm", pytest.param("prenorm_shared", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["prenorm", "perlayer", pytest.param("prenorm_shared", marks=pytest.mark.slow)])
 def test_variant_teacher_export_round_trip(variant, tmp_path, name):
     """A variant teacher exports back to the fork's config.json fields and key names (the shared expert as the
     router's last expert, its router row zero) and re-imports to the same architecture, parameters and logits."""
@@ -439,13 +487,13 @@ def test_variant_teacher_export_round_trip(variant, tmp_path, name):
     teacher = m2d_jax.from_pretrained(path)
     out = export_model(teacher, tmp_path / "teacher", progress=False)
     written = json.loads((out / "config.json").read_text())
-    fork = PRENORM if name == "prenorm" else PRENORM_SHARED
+    fork = VARIANTS[name]
     assert {f: written[f] for f in fork if f != "rope_theta"} == {f: v for f, v in fork.items() if f != "rope_theta"}
     assert written["rope_parameters"] == {"rope_type": "default", "rope_theta": fork["rope_theta"]}
     original, exported = load_file(str(path / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert original.keys() == exported.keys()
     for key, value in original.items():
-        if name == "prenorm" and key.endswith("mlp.gate.weight"):  # the shared expert's logit row is unused
+        if fork.get("num_shared_experts") and key.endswith("mlp.gate.weight"):  # the shared logit row is unused
             np.testing.assert_array_equal(exported[key][:-1], value[:-1])
             np.testing.assert_array_equal(exported[key][-1], 0)
         else:
@@ -454,3 +502,128 @@ def test_variant_teacher_export_round_trip(variant, tmp_path, name):
     assert again.config == teacher.config
     ids, mask = padded_batch(teacher.config.vocab_size, 2, 9, 3)
     np.testing.assert_array_equal(np.asarray(again(ids, mask)), np.asarray(teacher(ids, mask)))
+
+
+# ---- per-layer expert counts: padding in calibration, scoring, conversion, counting ------------------------------
+def _one_layer(stats, i):
+    """MoE layer ``i`` of padded statistics as the statistics of an unpadded one-layer model of its E_l experts."""
+    from m2d_jax.calibration import CalibrationStats, StatSums
+
+    real = stats.experts_per_layer[i]
+
+    def cut(name, value):
+        value = np.asarray(value)[i:i + 1]
+        if value.ndim == 1:
+            return value
+        return value[:, :real, :real] if name in ("router_logit_moment", "gram") else value[:, :real]
+
+    metadata = dict(stats.metadata, num_experts=real, moe_layers=[stats.moe_layers[i]])
+    del metadata["num_experts_per_layer"]
+    return CalibrationStats(StatSums(*(cut(n, getattr(stats.sums, n)) for n in StatSums._fields)), metadata)
+
+
+def test_padded_experts_are_never_selected_and_each_layer_selects_as_if_unpadded(variant):
+    """perlayer (7 and 5 routed experts, E = 7, k = 2): the padded experts' statistics are exactly 0; every scoring
+    selects in each layer what it selects in that layer alone, unpadded (K = k, and K = 5 = every real expert of the
+    smaller layer), with the same weight scores; the D-optimal kernel's ridge is averaged over the real experts only
+    and the greedy takes a padded expert (even one with the largest residual) only after every real one, as a
+    filled slot; K > 5 and a plan that would merge a padded expert are clear errors."""
+    from m2d_jax.calibration import StatSums, validate
+    from m2d_jax.convert.plan import plan_conversion
+    from m2d_jax.errors import StatsError
+    from m2d_jax.scoring import SCORINGS, DO_IMPORTANCE, greedy_logdet, importance_order, logdet_kernel, score, \
+        select_experts
+
+    teacher = m2d_jax.from_pretrained(variant("perlayer")[0])
+    stats = validate(_calibrated(teacher, seed=2))
+    assert stats.experts_per_layer == [7, 5] and stats.num_experts == 7 and stats.top_k == 2
+    padded = ~stats.real_experts
+    for name in StatSums._fields:
+        value = np.asarray(getattr(stats.sums, name))
+        if value.ndim > 1:
+            assert np.all(value[1, 5:] == 0), name
+            if name in ("router_logit_moment", "gram"):
+                assert np.all(value[1, :, 5:] == 0), name
+    assert stats.sums.gram[1, 4, 4] > 0 and stats.sums.selected_count[1, :5].sum() == 2 * stats.sums.tokens[1]
+    for scoring in SCORINGS:
+        for num_selected in (2, 5):
+            selection = select_experts(stats, scoring, num_selected)
+            assert not padded[np.arange(2)[:, None], selection.selected].any()
+            for i in range(2):
+                alone = select_experts(_one_layer(stats, i), scoring, num_selected)
+                np.testing.assert_array_equal(selection.selected[i], alone.selected[0], err_msg=scoring)
+                np.testing.assert_allclose(selection.weight_scores[i, :stats.experts_per_layer[i]],
+                                           alone.weight_scores[0], rtol=1e-12, err_msg=scoring)
+        if scoring in DO_IMPORTANCE:  # ranks over all E: the padding last
+            ranks = score(stats, scoring)
+            assert ranks[1, 5:].max() < ranks[1, :5].min()
+    # the kernel of a padded layer restricted to its real experts is the unpadded kernel (the ridge over E_l only)
+    importance = score(stats, "conditional_prob")
+    kernel = logdet_kernel(stats.sums.gram, importance, candidates=stats.real_experts)
+    np.testing.assert_allclose(kernel[1, :5, :5], logdet_kernel(stats.sums.gram[1:, :5, :5], importance[1:, :5])[0],
+                               rtol=1e-12)
+    assert not np.allclose(logdet_kernel(stats.sums.gram, importance)[1, :5, :5], kernel[1, :5, :5], rtol=1e-12)
+    # a non-candidate with the largest residual and the best score still comes after every candidate
+    candidates = np.array([[True, True, False]])
+    np.testing.assert_array_equal(importance_order(np.array([[1.0, 2.0, 5.0]]), candidates=candidates), [[1, 0, 2]])
+    result = greedy_logdet(np.diag([1.0, 2.0, 5.0])[None], 3, candidates=candidates)
+    np.testing.assert_array_equal(result.selected, [[1, 0, 2]])
+    np.testing.assert_array_equal(result.filled, [[False, False, True]])
+    assert result.gains[0, 2] == -np.inf
+    with pytest.raises(StatsError, match=r"K=6 .*MoE layer 2 has only 5 experts"):
+        select_experts(stats, "reap", 6)
+    with pytest.raises(ValueError, match=r"MoE layer 2 must be distinct ids in \[0, 5\)"):
+        plan_conversion(teacher, [[0, 1], [0, 6]], np.ones((2, 7)), 2, "round_robin", "uniform")
+
+
+def test_sharded_import_reads_any_expert_range_of_the_padded_leaves(variant):
+    """The per-shard reader of a sharded import on the padded leaves (perlayer: 7 and 5 routed experts): any range
+    of experts of the router and of the experts (all real, straddling the padding, all padding), for one layer or
+    both, equals that range of the whole imported leaf (real experts as stored, padding 0)."""
+    import itertools
+
+    import jax
+    from flax import nnx
+
+    from m2d_jax.hf.adapters import adapter_for
+    from m2d_jax.hf.load import _leaf_reader, _placements
+    from m2d_jax.hf.safetensors_io import SafetensorsCheckpoint
+    from m2d_jax.models import abstract_model
+
+    path, _ = variant("perlayer")
+    model = m2d_jax.from_pretrained(path)
+    config = model.config
+    whole = {tuple(k): np.asarray(v.get_value()) for k, v in nnx.state(model).flat_state()}
+    abstract = {tuple(k): v.get_value() for k, v in nnx.state(abstract_model(config)).flat_state()}
+    placements = _placements(config, adapter_for(config.family, "config.json"), "per_expert")
+    with SafetensorsCheckpoint(path) as ckpt:
+        for name, axis in (("router", 2), ("down_proj", 1)):  # [layers, d, E], [layers, E, m, d]
+            leaf = ("stacks", 1, "moe", name)
+            struct = jax.ShapeDtypeStruct(abstract[leaf].shape, abstract[leaf].dtype)
+            read = _leaf_reader(ckpt, *placements[leaf], abstract, struct)
+            for layers, (first, end) in itertools.product((slice(0, 2), slice(1, 2)), ((0, 3), (3, 6), (5, 7))):
+                index = [slice(None)] * len(struct.shape)
+                index[0], index[axis] = layers, slice(first, end)
+                np.testing.assert_array_equal(read(tuple(index)), whole[leaf][tuple(index)], err_msg=f"{name}")
+    assert np.any(whole[("stacks", 1, "moe", "router")][1, :, 3:5] != 0)
+
+
+@pytest.mark.parametrize("name", ["perlayer", "perlayer_noshared"])
+def test_info_counts_the_real_experts(variant, name, capsys):
+    """``m2d info`` of a padded teacher: total parameters = the composed oracle's (transformers modules) numel sum,
+    less the shared expert's unused router row per MoE layer; active = total - sum_l (E_l - k) routed experts."""
+    from m2d_jax.cli import main
+    from m2d_jax.info import load_config
+    from m2d_jax.models import RuntimeConfig
+
+    path, oracle = variant(name)
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    config = load_config(path)[0]
+    d, m, k = config.hidden_size, config.moe.experts.intermediate_size, config.moe.router.top_k
+    unused_router_rows = len(config.moe_layers) * d if config.moe.experts.shared_size else 0
+    assert info["total_params"] == sum(p.numel() for p in oracle.parameters()) - unused_router_rows
+    assert info["active_params"] == info["total_params"] - sum(n - k for n in config.moe_layer_experts) * 3 * d * m
+    assert info["experts"] == 7 and info["experts_per_layer"] == list(config.moe_layer_experts)
+    with pytest.raises(ValueError, match="top_k=6 exceeds the model's 5 experts in its smallest MoE layer"):
+        RuntimeConfig(top_k=6).top_k_for(config)

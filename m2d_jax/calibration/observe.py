@@ -44,12 +44,13 @@ def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
     experts, act = view.experts, view.act
     x_sub = view.x[gram_index].reshape(-1, chunk, view.x.shape[-1])  # [S/chunk, chunk, d]
     mask_sub = gram_valid.astype(jnp.float32).reshape(-1, chunk)  # [S/chunk, chunk]
+    real = jnp.ones((e,), bool) if view.real_experts is None else view.real_experts  # [E]: padded experts give 0
 
     def gram_chunk(carry, xs):
         gram, out_sum, out_norm = carry
         xc, mc = xs  # [chunk, d], [chunk]
-        f = jnp.where(mc[None, :, None] > 0, all_expert_outputs(experts, act, xc).astype(jnp.float32),
-                      0.0)  # [E, chunk, d]
+        f = jnp.where(real[:, None, None] & (mc[None, :, None] > 0),
+                      all_expert_outputs(experts, act, xc).astype(jnp.float32), 0.0)  # [E, chunk, d]
         flat = f.reshape(f.shape[0], -1)  # [E, chunk * d]: one plain GEMM (a 3-D contraction is transposed first)
         gram = gram + jnp.matmul(flat, flat.T, precision=hi)
         return (gram, out_sum + f.sum(1), out_norm + jnp.linalg.norm(f, axis=-1).sum(1)), None

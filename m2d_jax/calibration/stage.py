@@ -62,7 +62,8 @@ def calibrate(teacher: CausalLM, windows: np.ndarray, gram_tokens: int = 32768, 
                 sums.tokens[0] / max(seconds, 1e-9))
     metadata = dict(
         format=FORMAT, m2d_jax_version=m2d_jax.__version__, config_hash=config_hash(config), family=config.family,
-        num_experts=config.moe.experts.num_experts, top_k=teacher.runtime.top_k_for(config),
+        num_experts=config.moe.experts.num_experts, num_experts_per_layer=list(config.moe_layer_experts),
+        top_k=teacher.runtime.top_k_for(config),
         norm_topk_prob=config.moe.router.norm_topk_prob,
         hidden_size=config.hidden_size, moe_layers=list(config.moe_layers), seq_len=seq_len, num_seqs=num_seqs,
         seed=seed, gram_tokens_requested=gram_tokens, tokens_seen=int(sums.tokens[0]),

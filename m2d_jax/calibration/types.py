@@ -26,6 +26,8 @@ sum_output_norm            [L, E]      |f_e(x_t)|                    (U only)   
 gram_tokens                [L]         1                             (U only)                          n_G
 =========================  ==========  ==============================================================  ===========
 
+With per-layer expert counts (``metadata["num_experts_per_layer"]``: E_l of each MoE layer, E = max E_l), experts
+E_l..E-1 of layer l are padding: every field is 0 for them (never routed to, p = 0, outputs not observed).
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ class CalibrationStats:
     @property
     def top_k(self) -> int:
         return int(self.metadata["top_k"])
+
+    @property
+    def experts_per_layer(self) -> list[int]:
+        """Real routed experts E_l of each MoE layer (all E unless the model has per-layer expert counts)."""
+        return [int(n) for n in self.metadata.get("num_experts_per_layer") or [self.num_experts] * len(self.moe_layers)]
+
+    @property
+    def real_experts(self) -> np.ndarray:
+        """[L, E] bool: True for each layer's real experts, False for its padding (ids E_l..E-1)."""
+        return np.arange(self.num_experts)[None, :] < np.asarray(self.experts_per_layer)[:, None]
 
     @property
     def moe_layers(self) -> list[int]:
@@ -163,5 +175,24 @@ def validate(stats: CalibrationStats, source: str = "statistics") -> Calibration
                              f"{meta['moe_layers'][layer]})")
     if (np.asarray(stats.sums.tokens) <= 0).any():
         raise StatsError(f"{source}: no calibration tokens (field 'tokens' is 0)")
+    counts = meta.get("num_experts_per_layer")
+    if counts is not None:
+        e, k = int(meta["num_experts"]), int(meta["top_k"])
+        if len(counts) != len(meta["moe_layers"]) or not all(isinstance(n, int) and k <= n <= e for n in counts):
+            raise StatsError(f"{source}: metadata 'num_experts_per_layer' = {counts}: expected one count in "
+                             f"[top_k={k}, num_experts={e}] per MoE layer")
+        padded = ~stats.real_experts  # [L, E]
+        for name in StatSums._fields:
+            value = np.asarray(getattr(stats.sums, name))
+            if value.ndim < 2:
+                continue
+            if name in ("router_logit_moment", "gram"):  # [L, E, E]: the padded rows and columns
+                leak = padded[:, :, None] | padded[:, None, :]
+            else:  # [L, E] or [L, E, d]
+                leak = np.broadcast_to(padded.reshape(padded.shape + (1,) * (value.ndim - 2)), value.shape)
+            if (value[leak] != 0).any():
+                layer = int(np.argwhere(leak & (value != 0))[0][0])
+                raise StatsError(f"{source}: field {name!r} is non-zero for padded experts of MoE layer "
+                                 f"{meta['moe_layers'][layer]} (it has {counts[layer]} real experts)")
     return stats
 

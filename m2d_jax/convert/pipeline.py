@@ -75,7 +75,7 @@ def convert(teacher: CausalLM, stats: CalibrationStats, selection, recipe: Conve
 def convert_random_ffn(teacher: CausalLM, groups: int, seed: int = 0) -> CausalLM:
     """The random-FFN baseline: the student architecture of ``groups`` (k) groups with the teacher's embeddings,
     attention, norms and LM head, and a freshly initialised FFN (normal(0, 0.02), biases 0)."""
-    e = teacher.config.moe.experts.num_experts if teacher.config.is_moe else 0
+    e = min(teacher.config.moe_layer_experts) if teacher.config.is_moe else 0  # of the smallest MoE layer
     if not 1 <= groups <= e:
         raise ValueError(f"k={groups} groups: must be between 1 and the teacher's E={e} experts")
     return build_random_ffn_student(teacher, groups, seed)

@@ -48,7 +48,7 @@ def check_methods(grouping: str, dp_scaling: str) -> None:
 def check_counts(num_experts: int, num_selected: int, k: int) -> None:
     if not 1 <= num_selected <= num_experts:
         raise ValueError(f"K={num_selected} selected experts per layer: must be between 1 and the teacher's "
-                         f"E={num_experts} experts")
+                         f"E={num_experts} experts (of its smallest MoE layer)")
     if not 1 <= k <= num_selected:
         raise ValueError(f"k={k} groups: must be between 1 and K={num_selected} (the selected experts per layer)")
 
@@ -74,11 +74,11 @@ def plan_conversion(teacher: CausalLM, selected, weight_scores, k: int, grouping
         raise ValueError(f"weight_scores has shape {weight_scores.shape}, expected "
                          f"[{len(moe_layers)}, {config.moe.experts.num_experts}]")
     check_methods(grouping, dp_scaling)
-    check_counts(config.moe.experts.num_experts, selected.shape[1], k)
-    for row in selected:
-        if len(set(row.tolist())) != len(row) or row.min() < 0 or row.max() >= config.moe.experts.num_experts:
-            raise ValueError(f"selected experts {row.tolist()} must be distinct ids in "
-                             f"[0, {config.moe.experts.num_experts})")
+    check_counts(min(config.moe_layer_experts), selected.shape[1], k)
+    for layer, row, real in zip(moe_layers, selected, config.moe_layer_experts):  # padded ids >= E_l: never merged
+        if len(set(row.tolist())) != len(row) or row.min() < 0 or row.max() >= real:
+            raise ValueError(f"selected experts {row.tolist()} of MoE layer {layer} must be distinct ids in "
+                             f"[0, {real})")
     normalized = rule.normalized_router(config)
     if normalized:  # weights sum to rho (routed_scaling_factor: 1, or FlexOlmo shared_mlp's k/(k+1)) per token
         routed_mass = np.full(len(moe_layers), rule.routed_scaling_factor(config))

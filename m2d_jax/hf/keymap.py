@@ -193,15 +193,21 @@ class RouterUnusedRows(Transform):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    hf: str  # key template; {layer} = global layer index, {expert} = expert index
+    """``hf`` is a key template: ``{layer}`` = global layer index, ``{expert}`` = expert index, ``{num_routed}`` =
+    the layer's real routed-expert count E_l. With per-layer expert counts, a per-expert rule has keys for the
+    layer's E_l real experts only, and a rule with ``expert_axis`` (the axis of its parameter slices that indexes
+    experts, e.g. 1 of a router kernel [in, E]) an HF tensor of E_l experts; the padded rest is zeros on import and
+    not written on export."""
+    hf: str
     paths: tuple[Path, ...]  # parameter paths, relative to the model (global rules) or to a layer (layer rules)
     transform: Transform = Same()
+    expert_axis: int | None = None
 
     @property
     def per_expert(self) -> bool:
         return "{expert}" in self.hf
 
 
-def rule(hf: str, *paths: str, transform: Transform = Same()) -> Rule:
+def rule(hf: str, *paths: str, transform: Transform = Same(), expert_axis: int | None = None) -> Rule:
     """``rule("model.norm.weight", "final_norm/scale")``: paths written with slashes."""
-    return Rule(hf, tuple(tuple(p.split("/")) for p in paths), transform)
+    return Rule(hf, tuple(tuple(p.split("/")) for p in paths), transform, expert_axis)

@@ -58,19 +58,36 @@ class _Placement:
     prefix: tuple = ()
     start: int | None = None  # first global layer of the stack; None for global rules
     num: int = 0
-    num_experts: int = 0
+    layer_experts: tuple[int, ...] = ()  # real routed experts E_l of each layer of the stack (0 in dense layers)
 
     def slices(self):
-        """(hf_key, index into the leaf) for every HF tensor of this rule."""
+        """(hf_key, index into the leaf) for every HF tensor of this rule: per-expert rules have keys for the
+        layer's E_l real experts only (the padded rest has none)."""
         if self.start is None:
             yield self.rule.hf, ()
             return
         for local in range(self.num):
+            layer, real = self.start + local, self.layer_experts[local]
             if self.rule.per_expert:
-                for e in range(self.num_experts):
-                    yield self.rule.hf.format(layer=self.start + local, expert=e), (local, e)
+                for e in range(real):
+                    yield self.rule.hf.format(layer=layer, expert=e, num_routed=real), (local, e)
             else:
-                yield self.rule.hf.format(layer=self.start + local), (local,)
+                yield self.rule.hf.format(layer=layer, num_routed=real), (local,)
+
+    def real_experts(self, index: tuple) -> int | None:
+        """E_l of the layer of a slice ``index`` (None for global rules)."""
+        return self.layer_experts[index[0]] if index else None
+
+    def real_shapes(self, shapes: list[tuple[int, ...]], real: int | None) -> list[tuple[int, ...]]:
+        """The rule's slice shapes cut to a layer's ``real`` experts on its ``expert_axis`` (what the HF tensor
+        holds)."""
+        axis = self.rule.expert_axis
+        return shapes if axis is None else [s[:axis] + (real,) + s[axis + 1:] for s in shapes]
+
+    def real_part(self, array: np.ndarray, real: int | None) -> np.ndarray:
+        """One layer's parameter slice without its padded experts (the export direction of ``real_shapes``)."""
+        axis = self.rule.expert_axis
+        return array if axis is None else array[(slice(None),) * axis + (slice(0, real),)]
 
 
 def _placements(model_config: ModelConfig, adapter: DecoderAdapter, expert_layout: str
@@ -80,11 +97,11 @@ def _placements(model_config: ModelConfig, adapter: DecoderAdapter, expert_layou
     for r in adapter.global_rules(model_config):
         for i, p in enumerate(r.paths):
             out[p] = (_Placement(r, ()), i)
-    num_experts = model_config.moe.experts.num_experts if model_config.is_moe else 0
+    layer_experts = model_config.layer_experts
     for s, (kind, start, num) in enumerate(model_config.stacks):
         prefix = ("stacks", s)
         for r in adapter.layer_rules(model_config, kind, expert_layout):
-            placement = _Placement(r, prefix, start, num, num_experts)
+            placement = _Placement(r, prefix, start, num, layer_experts[start:start + num])
             for i, p in enumerate(r.paths):
                 out[prefix + p] = (placement, i)
     return out
@@ -111,8 +128,10 @@ def _check_shapes(ckpt, placements: dict, abs_leaves: dict, source: str) -> set[
     """Every HF key the parameters need, checked against config.json's shapes (headers only, before any read)."""
     used: set[str] = set()
     for placement, _ in {id(p): (p, c) for p, c in placements.values()}.values():
-        expected = tuple(placement.rule.transform.hf_shape(_leaf_shapes(placement, abs_leaves)))
-        for key, _ in placement.slices():
+        shapes = _leaf_shapes(placement, abs_leaves)
+        for key, index in placement.slices():
+            layer_shapes = placement.real_shapes(shapes, placement.real_experts(index))
+            expected = tuple(placement.rule.transform.hf_shape(layer_shapes))
             shape = tuple(ckpt.shape(key))
             if shape != expected:
                 raise CheckpointError(f"{ckpt.where(key)}: tensor {key!r} has shape {shape}, expected {expected} "
@@ -124,8 +143,8 @@ def _check_shapes(ckpt, placements: dict, abs_leaves: dict, source: str) -> set[
 def _leaf_reader(ckpt, placement: _Placement, component: int, abs_leaves: dict, struct: jax.ShapeDtypeStruct
                  ) -> Callable[[tuple], np.ndarray]:
     """``index -> leaf[index]`` (a tuple of slices over the leaf) read from the checkpoint: only the HF keys of
-    the stacked layers / experts in ``index`` and only their parts in the rest of ``index``. Shards that several
-    devices hold alike are read once."""
+    the stacked layers / experts in ``index`` and only their parts in the rest of ``index``; padded experts (per-layer
+    expert counts) are zeros. Shards that several devices hold alike are read once."""
     shapes = _leaf_shapes(placement, abs_leaves)
     n_stacked = len(struct.shape) - len(shapes[component])
     transform = placement.rule.transform
@@ -135,13 +154,21 @@ def _leaf_reader(ckpt, placement: _Placement, component: int, abs_leaves: dict, 
         bounds = tuple(s.indices(n)[:2] for s, n in zip(index, struct.shape))
         if bounds in read_once:
             return read_once[bounds]
-        out = np.empty([b - a for a, b in bounds], struct.dtype)
+        out = np.zeros([b - a for a, b in bounds], struct.dtype)
         stacked, inner = bounds[:n_stacked], tuple(slice(a, b) for a, b in bounds[n_stacked:])
+        axis = placement.rule.expert_axis
         for key, position in placement.slices():  # position: (layer in stack[, expert]) or () for global rules
             if all(a <= p < b for p, (a, b) in zip(position, stacked)):
                 target = tuple(p - a for p, (a, _) in zip(position, stacked))
-                out[target] = transform.to_m2d_slice(lambda hf_index: ckpt.read_slice(key, hf_index), shapes,
-                                                     component, inner)
+                part, real = inner, placement.real_experts(position)
+                if axis is not None:  # only the layer's real experts are in the HF tensor; the rest stays 0
+                    first, end = inner[axis].start, min(inner[axis].stop, real)
+                    if end <= first:
+                        continue
+                    part = inner[:axis] + (slice(first, end),) + inner[axis + 1:]
+                    target = target + (slice(None),) * axis + (slice(0, end - first),)
+                out[target] = transform.to_m2d_slice(lambda hf_index: ckpt.read_slice(key, hf_index),
+                                                     placement.real_shapes(shapes, real), component, part)
         read_once[bounds] = out
         return out
 
@@ -212,4 +239,5 @@ def hf_tensors(model: CausalLM, expert_layout: str = "per_expert") -> Iterator[t
         seen.add(id(placement))
         arrays = [to_host(leaves[placement.prefix + p]) for p in placement.rule.paths]
         for key, index in placement.slices():
-            yield key, placement.rule.transform.to_hf([a[index] for a in arrays])
+            real = placement.real_experts(index)
+            yield key, placement.rule.transform.to_hf([placement.real_part(a[index], real) for a in arrays])

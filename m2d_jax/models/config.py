@@ -221,15 +221,39 @@ class RouterSpec(_Spec):
 
 @dataclasses.dataclass(frozen=True)
 class ExpertsSpec(_Spec):
+    """The routed experts of every MoE layer (``num_experts`` E of them, stacked), optional shared experts.
+
+    ``num_experts_per_layer``: the real routed-expert count E_l of each MoE layer (in ``ModelConfig.moe_layers``
+    order) when they differ (FlexOlmo's per-layer counts); E = max E_l and every layer is padded to E experts, the
+    padded ones (ids E_l..E-1) with zero weights and router logits masked to -inf, so they are never routed to (see
+    docs/METHOD.md §1, "Per-layer expert counts"). Empty (the default; also what equal counts normalise to): every
+    MoE layer has E real experts.
+    """
     num_experts: int
     intermediate_size: int  # width of each routed expert
     bias: bool = False  # biases on the routed experts' projections (GPT-OSS)
     shared_size: int = 0  # total width of the always-on shared experts (DeepSeek, FlexOlmo variants), 0 = none
     shared_scale: float = 1.0  # weight of the shared experts' output: 1 (DeepSeek), 1/(k+1) (FlexOlmo shared_mlp)
+    num_experts_per_layer: tuple[int, ...] = ()  # per MoE layer: its real routed experts E_l; () = all E
+
+    _tuples = ("num_experts_per_layer",)
 
     def __post_init__(self):
         _positive(self, "num_experts", "intermediate_size", "shared_scale")
         _need(self, self.shared_size >= 0, f"shared_size={self.shared_size} must be >= 0")
+        counts = self.num_experts_per_layer
+        _need(self, all(isinstance(n, int) and 0 < n <= self.num_experts for n in counts)
+              and (not counts or max(counts) == self.num_experts),
+              f"num_experts_per_layer={list(counts)} must be counts in [1, num_experts={self.num_experts}] whose "
+              f"maximum is num_experts")
+        if counts and min(counts) == self.num_experts:  # equal counts: the unpadded form
+            object.__setattr__(self, "num_experts_per_layer", ())
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if not self.num_experts_per_layer:  # absent when unpadded: every other model's JSON and hash unchanged
+            del out["num_experts_per_layer"]
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +267,12 @@ class MoESpec(_Spec):
         r, e = self.router, self.experts
         _need(self, r.top_k <= e.num_experts,
               f"router.top_k={r.top_k} must be <= experts.num_experts={e.num_experts}")
+        if e.num_experts_per_layer:
+            _need(self, r.top_k <= min(e.num_experts_per_layer),
+                  f"router.top_k={r.top_k} must be <= every MoE layer's experts "
+                  f"(experts.num_experts_per_layer={list(e.num_experts_per_layer)})")
+            _need(self, r.topk_method == "greedy",
+                  f"router.topk_method={r.topk_method!r}: per-layer expert counts need greedy top-k")
         if r.topk_method == "group_limited_greedy":
             _need(self, e.num_experts % r.n_group == 0 and 0 < r.topk_group <= r.n_group,
                   f"router.topk_method='group_limited_greedy' needs experts.num_experts % router.n_group == 0 "
@@ -280,6 +310,11 @@ class ModelConfig(_Spec):
         _need(self, self.is_moe == (self.moe is not None),
               "moe must be given exactly when ffn_kinds has a 'moe' layer "
               f"(ffn_kinds={self.ffn_kinds}, moe={'set' if self.moe is not None else None})")
+        if self.moe is not None and self.moe.experts.num_experts_per_layer:
+            counts = self.moe.experts.num_experts_per_layer
+            _need(self, len(counts) == len(self.moe_layers),
+                  f"moe.experts.num_experts_per_layer has {len(counts)} entries, expected one per MoE layer "
+                  f"({len(self.moe_layers)})")
 
     # ---- derived structure -------------------------------------------------------------------------------
     @property
@@ -290,6 +325,19 @@ class ModelConfig(_Spec):
     def moe_layers(self) -> tuple[int, ...]:
         """Global indices of the MoE layers, in order (row i of calibration statistics is layer moe_layers[i])."""
         return tuple(i for i, kind in enumerate(self.ffn_kinds) if kind == "moe")
+
+    @property
+    def moe_layer_experts(self) -> tuple[int, ...]:
+        """Real routed experts E_l of each MoE layer (``moe_layers`` order); ``moe.experts.num_experts`` is their
+        maximum, the padded size every layer is stored with."""
+        experts = self.moe.experts
+        return experts.num_experts_per_layer or (experts.num_experts,) * len(self.moe_layers)
+
+    @property
+    def layer_experts(self) -> tuple[int, ...]:
+        """Per decoder layer: its real routed experts E_l (0 for a dense layer)."""
+        per_moe_layer = dict(zip(self.moe_layers, self.moe_layer_experts)) if self.is_moe else {}
+        return tuple(per_moe_layer.get(i, 0) for i in range(self.num_layers))
 
     @property
     def rope_dim(self) -> int:
@@ -341,9 +389,10 @@ class RuntimeConfig(_Spec):
         if config.moe is None:
             raise ValueError(f"the {config.family} model has no MoE layers: it has no routing top-k")
         k = self.top_k or config.moe.router.top_k
-        if k > config.moe.experts.num_experts:
-            raise ValueError(f"invalid RuntimeConfig: top_k={k} exceeds the model's "
-                             f"{config.moe.experts.num_experts} experts")
+        fewest = min(config.moe_layer_experts)
+        if k > fewest:
+            smallest = " in its smallest MoE layer" if config.moe.experts.num_experts_per_layer else ""
+            raise ValueError(f"invalid RuntimeConfig: top_k={k} exceeds the model's {fewest} experts{smallest}")
         return k
 
 

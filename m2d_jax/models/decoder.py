@@ -34,8 +34,9 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(config.ffn, config.hidden_size, config.ffn.intermediate_size, dt, rngs)
 
-    def __call__(self, x, cos, sin, mask, observe=None, cache=None, cache_index=None):
-        """x: [B, T, d] -> (x', the MoE observation or None), plus the updated attention cache when given one."""
+    def __call__(self, x, cos, sin, mask, observe=None, cache=None, cache_index=None, num_experts=None):
+        """x: [B, T, d] -> (x', the MoE observation or None), plus the updated attention cache when given one.
+        ``num_experts``: this MoE layer's real expert count (per-layer counts; None = all)."""
         h = x if self.post_norm else self.input_norm(x)
         if cache is None:
             attn = self.attn(h, cos, sin, mask)
@@ -44,7 +45,7 @@ class DecoderLayer(nnx.Module):
         x = x + (self.post_attn_norm(attn) if self.post_norm else attn)
         h = x if self.post_norm else self.post_attn_norm(x)
         if self.kind == "moe":
-            y, observation = self.moe(h, observe)
+            y, observation = self.moe(h, observe, num_experts)
         else:
             y, observation = self.mlp(h), None
         x = x + (self.post_ffn_norm(y) if self.post_norm else y)
@@ -121,23 +122,30 @@ class CausalLM(nnx.Module):
         cos, sin = rope_cos_sin(c, position_ids)  # [B, T, rope_dim / 2] float32
         windows = jnp.asarray([c.attention.sliding_window if lt == "sliding_attention" else 0
                                for lt in c.attention.layer_types], jnp.int32)  # [L]
+        # [L] real routed experts per layer when MoE layers differ in count (the rest of each stack is padding)
+        layer_experts = jnp.asarray(c.layer_experts, jnp.int32) if c.is_moe and c.moe.experts.num_experts_per_layer \
+            else None
         stack_outputs = []  # per stack: its observations, or its updated cache when decoding
         for i, (stack, (kind, start, num)) in enumerate(zip(self.stacks, c.stacks)):
             graphdef, state = nnx.split(stack)
 
             def body(h, xs, graphdef=graphdef):
-                layer_state, window, layer_cache = xs  # one layer's params, sliding window (0 = full), cache
+                # one layer's params, sliding window (0 = full), cache, real experts (None: unpadded)
+                layer_state, window, layer_cache, num_experts = xs
                 layer = nnx.merge(graphdef, layer_state)
                 if layer_cache is None:
-                    return layer(h, cos, sin, make_attention_mask(attention_mask, t, window), observe)
+                    return layer(h, cos, sin, make_attention_mask(attention_mask, t, window), observe,
+                                 num_experts=num_experts)
                 mask = make_attention_mask(key_mask, t, window, q_start=cache.index)
-                h, _, layer_cache = layer(h, cos, sin, mask, cache=layer_cache, cache_index=cache.index)
+                h, _, layer_cache = layer(h, cos, sin, mask, cache=layer_cache, cache_index=cache.index,
+                                          num_experts=num_experts)
                 return h, layer_cache
 
             if self.runtime.remat:
                 body = jax.checkpoint(body, prevent_cse=False)
             stack_cache = None if cache is None else cache.layers[i]
-            x, stack_output = jax.lax.scan(body, x, (state, windows[start:start + num], stack_cache))
+            stack_experts = None if layer_experts is None else layer_experts[start:start + num]
+            x, stack_output = jax.lax.scan(body, x, (state, windows[start:start + num], stack_cache, stack_experts))
             stack_outputs.append(stack_output)
         x = self.final_norm(x)
         if cache is not None:

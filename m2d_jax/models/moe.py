@@ -66,6 +66,7 @@ class MoEView(NamedTuple):
     expert_out: jax.Array  # [T, k, d] unweighted outputs of the selected experts
     experts: ExpertWeights  # this layer's expert weights, compute dtype
     act: Callable  # the experts' gated activation phi(gate, up)
+    real_experts: jax.Array | None = None  # [E] bool: the layer's real experts (per-layer counts), None = all
 
 
 def route_softmax_topk(logits, k: int, norm_topk_prob: bool) -> Routing:
@@ -98,6 +99,15 @@ def route_topk_softmax(logits, k: int) -> Routing:
     top_logits, top_idx = jax.lax.top_k(logits, k)
     weights = jax.nn.softmax(top_logits, axis=-1)
     return Routing(logits, jax.nn.softmax(logits.astype(jnp.float32), axis=-1), top_idx.astype(jnp.int32), weights)
+
+
+def mask_padded_experts(rule: Callable[[jax.Array], Routing], logits, real_experts) -> Routing:
+    """``rule(logits)`` with the padded experts (``real_experts`` [E] False; per-layer expert counts) removed: their
+    logits are -inf inside the rule (probability exactly 0, never selected) and 0 in ``Routing.logits``."""
+    if real_experts is None:
+        return rule(logits)
+    routing = rule(jnp.where(real_experts, logits, -jnp.inf))
+    return routing._replace(logits=jnp.where(real_experts, logits, 0))
 
 
 def default_dispatch(platform: str | None = None) -> str:
@@ -261,21 +271,23 @@ class MoE(nnx.Module):
         if experts.shared_size:
             self.shared = MLP(config.ffn, d, experts.shared_size, dt, rngs)
 
-    def route(self, x) -> Routing:
-        """x [T, d] -> the family's routing decision."""
+    def route(self, x, real_experts=None) -> Routing:
+        """x [T, d] -> the family's routing decision. ``real_experts`` [E] bool (per-layer expert counts): the
+        others are padding (``mask_padded_experts``)."""
         r = self.config.moe.router
         if r.rule == "softmax_topk_scaled":  # DeepSeek computes router logits in float32
             logits = x.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
-            return route_softmax_topk_scaled(logits, self.top_k, r.routed_scaling_factor,
-                                             r.n_group if r.topk_method == "group_limited_greedy" else 1,
-                                             r.topk_group, out_dtype=x.dtype)
+            return mask_padded_experts(lambda z: route_softmax_topk_scaled(
+                z, self.top_k, r.routed_scaling_factor, r.n_group if r.topk_method == "group_limited_greedy" else 1,
+                r.topk_group, out_dtype=x.dtype), logits, real_experts)
         logits = x @ self.router[...].astype(x.dtype)  # [T, E]
         if r.bias:
             logits = logits + self.router_bias[...].astype(x.dtype)
         if r.rule == "topk_softmax":
-            routing = route_topk_softmax(logits, self.top_k)
+            routing = mask_padded_experts(lambda z: route_topk_softmax(z, self.top_k), logits, real_experts)
         else:
-            routing = route_softmax_topk(logits, self.top_k, r.norm_topk_prob)
+            routing = mask_padded_experts(lambda z: route_softmax_topk(z, self.top_k, r.norm_topk_prob), logits,
+                                          real_experts)
         if r.routed_scaling_factor != 1:  # FlexOlmo's shared_mlp variant: routed part weighted k/(k+1)
             routing = routing._replace(top_weight=routing.top_weight * r.routed_scaling_factor)
         return routing
@@ -285,12 +297,14 @@ class MoE(nnx.Module):
                                                           if self.config.moe.experts.bias else ())
         return ExpertWeights(*(getattr(self, n)[...].astype(dtype) for n in names))
 
-    def __call__(self, x, observe: Callable[[MoEView], object] | None = None):
-        """x: [B, T, d] -> (y [B, T, d], ``observe(view)`` or None)."""
+    def __call__(self, x, observe: Callable[[MoEView], object] | None = None, num_experts=None):
+        """x: [B, T, d] -> (y [B, T, d], ``observe(view)`` or None). ``num_experts`` ([] int, per-layer expert
+        counts): this layer's real experts E_l, the first E_l of the stacked E."""
         rt = self.runtime
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
-        routing = self.route(flat)
+        real = None if num_experts is None else jnp.arange(self.config.moe.experts.num_experts) < num_experts  # [E]
+        routing = self.route(flat, real)
         experts = self.expert_weights(x.dtype)
         act = glu_activation(self.config.ffn)
         outs = expert_outputs(rt.moe_dispatch, flat, routing.top_idx, experts, act, rt.capacity_factor,
@@ -299,5 +313,5 @@ class MoE(nnx.Module):
         spec = self.config.moe.experts
         if spec.shared_size:
             y = y + (self.shared(flat) if spec.shared_scale == 1 else spec.shared_scale * self.shared(flat))
-        observation = observe(MoEView(flat, routing, outs, experts, act)) if observe is not None else None
+        observation = observe(MoEView(flat, routing, outs, experts, act, real)) if observe is not None else None
         return y.reshape(b, t, d), observation

@@ -91,9 +91,9 @@ def _distill_config(options: PlanOptions, teacher: ModelConfig, batch_shards: in
         b = c.data.batch_size
         c.micro_batches = next((n for n in range(c.micro_batches, 0, -1)
                                 if b % n == 0 and (b // n) % batch_shards == 0), c.micro_batches)
-    if c.objective != "lm" and teacher.moe is not None and c.teacher.top_k > teacher.moe.experts.num_experts:
+    if c.objective != "lm" and teacher.moe is not None and c.teacher.top_k > min(teacher.moe_layer_experts):
         raise M2DError(f"{options.distill_config}: teacher.top_k={c.teacher.top_k} exceeds the teacher's "
-                       f"{teacher.moe.experts.num_experts} experts; pass --teacher-top-k")
+                       f"{min(teacher.moe_layer_experts)} experts; pass --teacher-top-k")
     return c
 
 

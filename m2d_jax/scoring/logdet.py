@@ -9,6 +9,10 @@ Kernel (per layer): ``L = diag(q) C diag(q) + lam I`` with
   ``s`` clamped to ``>= 1e-8 max s`` (``q = 1`` when every score is 0);
 - ``lam = ridge * mean(diag(diag(q) C diag(q)))``.
 
+Padded experts (per-layer expert counts: ``candidates`` False) are not part of a layer: ``lam`` is the mean over
+its candidates, and the greedy picks a non-candidate only once every candidate is picked, as a filled slot, so a
+padded layer selects exactly what its unpadded form does.
+
 Greedy: the incremental-Cholesky argmax of the Schur complement ``d2[j] = L_jj - L_jS L_S^{-1} L_Sj`` (so the gain of
 adding ``j`` is ``log d2[j]`` and the picks maximise ``log det L_S`` greedily), ``K`` steps of a ``lax.fori_loop``,
 O(E K^2) time and O(E K) memory per layer. Properties:
@@ -45,8 +49,8 @@ class GreedyResult(NamedTuple):
     filled: np.ndarray  # [L, K] bool: slot filled by importance order (early stop), not by the log-det greedy
 
 
-def _kernel_one(gram, importance, beta, ridge, dead_tol, cosine: bool):
-    """One layer: gram [E, E], importance [E] -> (L [E, E], q [E])."""
+def _kernel_one(gram, importance, candidates, beta, ridge, dead_tol, cosine: bool):
+    """One layer: gram [E, E], importance [E], candidates [E] bool -> (L [E, E], q [E])."""
     diag = jnp.diagonal(gram)  # [E]
     dead = diag <= dead_tol * jnp.max(diag)
     if cosine:
@@ -64,20 +68,21 @@ def _kernel_one(gram, importance, beta, ridge, dead_tol, cosine: bool):
     s = jnp.maximum(importance, 1e-8 * s_max)
     q = jnp.where(s_max > 0, (s / jnp.where(s_bar > 0, s_bar, 1.0)) ** beta, 1.0)  # [E]
     weighted = sim * q[:, None] * q[None, :]
-    lam = ridge * jnp.mean(jnp.diagonal(weighted))
+    lam = ridge * jnp.sum(jnp.where(candidates, jnp.diagonal(weighted), 0.0)) / jnp.maximum(jnp.sum(candidates), 1)
     return weighted + lam * jnp.eye(gram.shape[0], dtype=gram.dtype), q
 
 
-def _greedy_one(kernel, fill_order, k: int, stop_tol):
-    """One layer: kernel [E, E] SPD, fill_order [E] (importance order) -> (selected [K], gains [K], filled [K])."""
+def _greedy_one(kernel, fill_order, candidates, k: int, stop_tol):
+    """One layer: kernel [E, E] SPD, fill_order [E] (importance order, non-candidates last), candidates [E] bool
+    -> (selected [K], gains [K], filled [K])."""
     e = kernel.shape[0]
-    stop_at = stop_tol * jnp.max(jnp.diagonal(kernel))
+    stop_at = stop_tol * jnp.max(jnp.where(candidates, jnp.diagonal(kernel), -jnp.inf))
 
     def step(i, carry):
         d2, chol, available, stopped, selected, gains, filled = carry
-        ranked = jnp.where(available[fill_order], d2[fill_order], -jnp.inf)  # candidates in importance order
+        ranked = jnp.where((available & candidates)[fill_order], d2[fill_order], -jnp.inf)  # in importance order
         best = fill_order[jnp.argmax(ranked)]  # exact ties go to the more important expert
-        stopped = stopped | (d2[best] <= stop_at)
+        stopped = stopped | (d2[best] <= stop_at) | ~jnp.any(available & candidates)  # or every candidate picked
         fill = fill_order[jnp.argmax(available[fill_order])]  # first unselected expert in importance order
         j = jnp.where(stopped, fill, best).astype(jnp.int32)
         residual = d2[j]
@@ -97,42 +102,54 @@ def _greedy_one(kernel, fill_order, k: int, stop_tol):
 
 
 @functools.partial(jax.jit, static_argnames=("cosine",))
-def _kernels(gram, importance, beta, ridge, dead_tol, cosine: bool):
-    return jax.vmap(_kernel_one, in_axes=(0, 0, None, None, None, None))(gram, importance, beta, ridge, dead_tol,
-                                                                          cosine)
+def _kernels(gram, importance, candidates, beta, ridge, dead_tol, cosine: bool):
+    return jax.vmap(_kernel_one, in_axes=(0, 0, 0, None, None, None, None))(gram, importance, candidates, beta,
+                                                                             ridge, dead_tol, cosine)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def _greedy(kernel, fill_order, k: int, stop_tol):
-    return jax.vmap(_greedy_one, in_axes=(0, 0, None, None))(kernel, fill_order, k, stop_tol)
+def _greedy(kernel, fill_order, candidates, k: int, stop_tol):
+    return jax.vmap(_greedy_one, in_axes=(0, 0, 0, None, None))(kernel, fill_order, candidates, k, stop_tol)
 
 
-def importance_order(scores, tie_break=None) -> np.ndarray:
-    """Experts sorted by score desc, then ``tie_break`` (e.g. SF) desc, then index asc. scores [L, E] -> [L, E]."""
+def _candidates(candidates, shape) -> np.ndarray:
+    """[L, E] bool (default: every expert a candidate)."""
+    return np.ones(shape, bool) if candidates is None else np.broadcast_to(np.asarray(candidates, bool), shape)
+
+
+def importance_order(scores, tie_break=None, candidates=None) -> np.ndarray:
+    """Experts sorted by score desc, then ``tie_break`` (e.g. SF) desc, then index asc; non-``candidates`` [L, E]
+    (padded experts) after every candidate. scores [L, E] -> [L, E]."""
     scores = np.asarray(scores, np.float64)
     tie_break = np.zeros_like(scores) if tie_break is None else np.asarray(tie_break, np.float64)
+    padded = ~_candidates(candidates, scores.shape)
     index = np.broadcast_to(np.arange(scores.shape[-1]), scores.shape)
-    return np.stack([np.lexsort((index[l], -tie_break[l], -scores[l])) for l in range(scores.shape[0])]).astype(
-        np.int32)
+    return np.stack([np.lexsort((index[l], -tie_break[l], -scores[l], padded[l]))
+                     for l in range(scores.shape[0])]).astype(np.int32)
 
 
 def logdet_kernel(gram, importance, beta: float = 0.5, ridge: float = 1e-4, kernel: str = "cosine",
-                  dead_tol: float = 1e-12) -> np.ndarray:
-    """The selection kernels L [L, E, E] (float64) from Gram matrices [L, E, E] and importance scores [L, E]."""
+                  dead_tol: float = 1e-12, candidates=None) -> np.ndarray:
+    """The selection kernels L [L, E, E] (float64) from Gram matrices [L, E, E] and importance scores [L, E];
+    ``candidates`` [L, E] (default all): the experts the ridge is averaged over (padded experts are not)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
     if beta < 0 or ridge < 0:
         raise ValueError(f"beta={beta} and ridge={ridge} must be >= 0")
+    importance = np.asarray(importance, np.float64)
     with jax.enable_x64(True):
-        out, _ = _kernels(jnp.asarray(gram, jnp.float64), jnp.asarray(importance, jnp.float64), float(beta),
-                          float(ridge), float(dead_tol), kernel == "cosine")
+        out, _ = _kernels(jnp.asarray(gram, jnp.float64), jnp.asarray(importance),
+                          jnp.asarray(_candidates(candidates, importance.shape)), float(beta), float(ridge),
+                          float(dead_tol), kernel == "cosine")
         return np.asarray(out)
 
 
-def greedy_logdet(kernel, k: int, fill_order=None, stop_tol: float = 1e-12) -> GreedyResult:
+def greedy_logdet(kernel, k: int, fill_order=None, stop_tol: float = 1e-12, candidates=None) -> GreedyResult:
     """Greedy log-det maximisation on kernels [L, E, E] (symmetric PSD), K picks per layer, float64.
 
-    ``fill_order`` [L, E] is the importance order used after an early stop (default: expert index).
+    ``fill_order`` [L, E] is the importance order used after an early stop (default: expert index; with
+    ``candidates``, it must rank the non-candidates last). ``candidates`` [L, E] bool (default all): a
+    non-candidate (a padded expert) is picked only once every candidate of its layer is, as a filled slot.
     """
     kernel = np.asarray(kernel)
     if kernel.ndim != 3 or kernel.shape[1] != kernel.shape[2]:
@@ -142,9 +159,10 @@ def greedy_logdet(kernel, k: int, fill_order=None, stop_tol: float = 1e-12) -> G
         raise ValueError(f"cannot select K={k} experts out of E={e}")
     if not np.isfinite(kernel).all():
         raise ValueError("kernel contains NaN or inf")
+    candidates = _candidates(candidates, (num_layers, e))
     if fill_order is None:
-        fill_order = np.broadcast_to(np.arange(e, dtype=np.int32), (num_layers, e))
+        fill_order = importance_order(np.zeros((num_layers, e)), candidates=candidates)
     with jax.enable_x64(True):
         selected, gains, filled = _greedy(jnp.asarray(kernel, jnp.float64), jnp.asarray(fill_order, jnp.int32),
-                                          int(k), float(stop_tol))
+                                          jnp.asarray(candidates), int(k), float(stop_tol))
         return GreedyResult(np.asarray(selected), np.asarray(gains), np.asarray(filled))

@@ -108,6 +108,14 @@ def _sums_of(stats) -> StatSums:
     return stats.sums if isinstance(stats, CalibrationStats) else stats
 
 
+def real_experts(stats) -> np.ndarray:
+    """[L, E] bool: the experts a selection may pick (padded experts of per-layer expert counts are not; every
+    expert for bare ``StatSums``)."""
+    if isinstance(stats, CalibrationStats):
+        return stats.real_experts
+    return np.ones(np.shape(stats.selected_count), bool)
+
+
 def _router_score(sums: StatSums, scoring: str, options: dict) -> np.ndarray:
     with jax.enable_x64(True):
         sums64 = StatSums(*(jnp.asarray(x, jnp.float64) for x in sums))
@@ -124,15 +132,17 @@ def logdet_greedy(stats, scoring: str, num_selected: int, **options) -> tuple[Gr
     sums = _sums_of(stats)
     base = DO_IMPORTANCE[scoring]
     importance = _router_score(sums, base, {k: v for k, v in resolved.items() if k in SCORING_OPTIONS.get(base, ())})
+    candidates = real_experts(stats)
     kernel = logdet_kernel(sums.gram, importance, beta=resolved["beta"], ridge=resolved["ridge"],
-                           kernel=resolved["kernel"])
-    fill_order = importance_order(importance, _router_score(sums, "selection_freq", {}))
-    return greedy_logdet(kernel, num_selected, fill_order), importance
+                           kernel=resolved["kernel"], candidates=candidates)
+    fill_order = importance_order(importance, _router_score(sums, "selection_freq", {}), candidates)
+    return greedy_logdet(kernel, num_selected, fill_order, candidates=candidates), importance
 
 
 def score(stats, scoring: str, **options) -> np.ndarray:
     """Scores [num_moe_layers, E] (float64) of one of ``SCORINGS`` for every layer at once. For the D-optimal
-    scorings the score is minus the rank in the greedy order over all E experts (0 for the first pick)."""
+    scorings the score is minus the rank in the greedy order over all E experts (0 for the first pick; padded
+    experts rank last). Router scorings give padded experts 0 (all their statistics are 0)."""
     resolved = resolve_options(scoring, options)
     if scoring not in DO_IMPORTANCE:
         return _router_score(_sums_of(stats), scoring, resolved)

@@ -20,7 +20,7 @@ from m2d_jax.artifacts import write_json
 from m2d_jax.calibration import CalibrationStats, validate
 from m2d_jax.errors import SelectionError, StatsError
 from m2d_jax.scoring.logdet import importance_order
-from m2d_jax.scoring.scores import DO_IMPORTANCE, SCORINGS, logdet_greedy, resolve_options, score
+from m2d_jax.scoring.scores import DO_IMPORTANCE, SCORINGS, logdet_greedy, real_experts, resolve_options, score
 
 SELECTION_FORMAT = "m2d_jax.selection/1"
 
@@ -164,13 +164,19 @@ def select_experts(stats: CalibrationStats, scoring: str, num_selected: int, **o
     e, k = stats.num_experts, stats.top_k
     if not k <= num_selected <= e:
         raise StatsError(f"cannot keep K={num_selected} experts per layer: need top-k={k} <= K <= E={e}")
+    fewest = min(stats.experts_per_layer)
+    if num_selected > fewest:  # per-layer expert counts: K is bounded by the smallest layer
+        layer = stats.moe_layers[stats.experts_per_layer.index(fewest)]
+        raise StatsError(f"cannot keep K={num_selected} experts per layer: MoE layer {layer} has only {fewest} "
+                         f"experts (num_experts_per_layer={stats.experts_per_layer})")
     gains = filled = None
     if scoring in DO_IMPORTANCE:
         greedy, weight_scores = logdet_greedy(stats, scoring, num_selected, **resolved)
         selected, gains, filled = greedy
     else:
         weight_scores = score(stats, scoring, **resolved)
-        selected = importance_order(weight_scores, score(stats, "selection_freq"))[:, :num_selected]
+        selected = importance_order(weight_scores, score(stats, "selection_freq"),
+                                    real_experts(stats))[:, :num_selected]
     return Selection(scoring, resolved, tuple(stats.moe_layers), np.asarray(selected, np.int32), weight_scores,
                      gains, filled, stats.digest(), stats.structure_hash, __version__)
 

@@ -15,7 +15,9 @@ The pre-norm variants: ``pre_attention_layernorm`` -> attention -> residual, ``p
   s = 1 the shared expert's weight is exactly 1, so it is read as an always-on shared expert (``moe/shared``, the
   DeepSeek path) and its router row is unused (``RouterUnusedRows``). s > 1 (token-dependent shared weights) is not
   supported. Optional per-layer ``num_experts_per_layer`` / ``num_shared_experts_per_layer``: 0 marks a dense layer
-  of ``dense_intermediate_size``; the MoE layers must share one count (one ``MoESpec``).
+  of ``dense_intermediate_size``; MoE layers with different router-expert counts E_l are padded to the largest
+  (``ExpertsSpec.num_experts_per_layer``: padded experts have zero weights, their logits are masked, and they have
+  no keys on disk), and must share one shared count s.
 - ``flex_olmo_noqknorm_prenorm_shared``: E routed experts (softmax -> top-k -> renormalised iff ``norm_topk_prob``)
   and a separate ``mlp.shared_mlp`` of ``shared_expert_intermediate_size``, mixed as a weighted average
   ``y = shared(x) / (k + 1) + routed(x) * k / (k + 1)``: ``shared_scale`` 1/(k+1), ``routed_scaling_factor``
@@ -125,7 +127,7 @@ class FlexOlmoPrenormAdapter(DecoderAdapter):
                                     shared_size=int(r.get("shared_expert_intermediate_size", default=width)),
                                     shared_scale=1 / (k + 1)))
             return r.build(**fields, ffn_kinds=["moe"] * layers, moe=moe)
-        ffn_kinds, num_experts, shared = self._layer_counts(r, layers)
+        ffn_kinds, router_experts, shared = self._layer_counts(r, layers)
         if "dense" in ffn_kinds:
             fields["ffn"]["intermediate_size"] = int(r.get("dense_intermediate_size", default=width))
         if "moe" not in ffn_kinds:
@@ -137,24 +139,32 @@ class FlexOlmoPrenormAdapter(DecoderAdapter):
             r.fail("norm_topk_prob", "true is unsupported with num_shared_experts > 0")
         if k <= shared:
             r.fail("num_experts_per_tok", f"{k} must exceed num_shared_experts={shared}")
+        if k > min(router_experts):
+            r.fail("num_experts_per_tok", f"{k} exceeds the {min(router_experts)} experts of the smallest MoE layer "
+                                          f"(num_experts_per_layer)")
+        routed = [n - shared for n in router_experts]  # per MoE layer
         moe = dict(router=dict(top_k=k - shared, norm_topk_prob=norm_topk),
-                   experts=dict(num_experts=num_experts - shared, intermediate_size=width, shared_size=shared * width))
+                   experts=dict(num_experts=max(routed), intermediate_size=width, shared_size=shared * width,
+                                num_experts_per_layer=routed))
         return r.build(**fields, ffn_kinds=ffn_kinds, moe=moe)
 
     @staticmethod
-    def _layer_counts(r: ConfigReader, layers: int) -> tuple[list[str], int, int]:
-        """(ffn_kinds, router experts E, shared experts s) from the global or per-layer counts (0 = dense)."""
+    def _layer_counts(r: ConfigReader, layers: int) -> tuple[list[str], list[int], int]:
+        """(ffn_kinds, router experts E_l of each MoE layer, shared experts s) from the global or per-layer counts
+        (0 = dense); s must be the same in every MoE layer."""
         experts = r.get("num_experts_per_layer") or [int(r.get("num_experts"))] * layers
         shared = r.get("num_shared_experts_per_layer") or [int(r.get("num_shared_experts"))] * layers
         for field, counts in (("num_experts_per_layer", experts), ("num_shared_experts_per_layer", shared)):
             if len(counts) != layers:
                 r.fail(field, f"{len(counts)} entries for num_hidden_layers={layers}")
-        moe_counts = {(int(e), int(s)) for e, s in zip(experts, shared) if e}
-        if len(moe_counts) > 1:
-            r.fail("num_experts_per_layer", f"MoE layers with different (experts, shared) counts {sorted(moe_counts)}"
-                                            ": every MoE layer must have the same counts")
-        e, s = moe_counts.pop() if moe_counts else (0, 0)
-        return ["moe" if n else "dense" for n in experts], e, s
+        if any(int(n) < 0 for n in experts):
+            r.fail("num_experts_per_layer", f"{experts}: counts must be >= 0 (0 = a dense layer)")
+        shared_counts = sorted({int(s) for e, s in zip(experts, shared) if e})
+        if len(shared_counts) > 1:
+            r.fail("num_shared_experts_per_layer", f"MoE layers with different shared counts {shared_counts}: "
+                                                   "every MoE layer must have the same number of shared experts")
+        return (["moe" if n else "dense" for n in experts], [int(n) for n in experts if n],
+                shared_counts[0] if shared_counts else 0)
 
     def config_to_hf(self, config: ModelConfig) -> dict:
         """config.json of ``LlamaForCausalLM`` (the students) or of the fork's classes (the inverse of
@@ -169,7 +179,7 @@ class FlexOlmoPrenormAdapter(DecoderAdapter):
             return dict(hf, num_experts=experts.num_experts, num_experts_per_tok=router.top_k,
                         shared_expert_intermediate_size=experts.shared_size)
         shared = experts.shared_size // experts.intermediate_size
-        per_layer_experts = [experts.num_experts + shared if kind == "moe" else 0 for kind in config.ffn_kinds]
+        per_layer_experts = [n + shared if n else 0 for n in config.layer_experts]
         return dict(hf, num_experts=experts.num_experts + shared, num_shared_experts=shared,
                     num_experts_per_tok=router.top_k + shared, dense_intermediate_size=config.ffn.intermediate_size,
                     num_experts_per_layer=per_layer_experts,
@@ -189,10 +199,10 @@ class FlexOlmoPrenormAdapter(DecoderAdapter):
         if config.family == "flex_olmo_noqknorm_prenorm_shared":
             return (rules + [rule(mlp + "gate.weight", "moe/router", transform=Linear(1))]
                     + expert_rules(mlp, expert_layout) + swiglu_mlp_rules(mlp + "shared_mlp.", "moe/shared"))
+        # the router holds the layer's E_l routed experts (padded to E in the model: expert_axis)
         if not experts.shared_size:
-            return rules + [rule(mlp + "gate.weight", "moe/router", transform=Linear(1))] + expert_rules(mlp,
-                                                                                                      expert_layout)
-        # the one shared expert is the router's last expert, after the routed ones
-        return (rules + [rule(mlp + "gate.weight", "moe/router", transform=RouterUnusedRows(1))]
-                + expert_rules(mlp, expert_layout)
-                + swiglu_mlp_rules(mlp + f"experts.{experts.num_experts}.", "moe/shared"))
+            return (rules + [rule(mlp + "gate.weight", "moe/router", transform=Linear(1), expert_axis=1)]
+                    + expert_rules(mlp, expert_layout))
+        # the one shared expert is the router's last expert, after the layer's E_l routed ones
+        return (rules + [rule(mlp + "gate.weight", "moe/router", transform=RouterUnusedRows(1), expert_axis=1)]
+                + expert_rules(mlp, expert_layout) + swiglu_mlp_rules(mlp + "experts.{num_routed}.", "moe/shared"))
