@@ -128,6 +128,8 @@ def _kl_chunk(hs, ws, ht, wt, m, temperature: float, with_grads: bool):
 def _fused_kl_pass(hs, ws, ht, wt, mask, temperature: float, chunk: int, with_grads: bool):
     """KL sum over all chunks (a ``lax.scan`` when ``chunk`` splits S), and with ``with_grads`` its gradients."""
     s = mask.shape[1]
+    # the LM-head kernels in the compute dtype, laid out (gathered, under a sharded step) once for all chunks
+    ws, wt = (constrain(w.astype(h.dtype), ("embed", "vocab")) for w, h in ((ws, hs), (wt, ht)))
     if chunk <= 0 or chunk >= s:
         return _kl_chunk(hs, ws, ht, wt, mask, temperature, with_grads)
 

@@ -290,7 +290,7 @@ class MoE(nnx.Module):
         rt = self.runtime
         b, t, d = x.shape
         flat = constrain(x.reshape(b * t, d), ("batch", "embed"))  # [B*T, d] tokens, sharded like the batch
-        routing = self.route(flat)
+        routing = Routing(*(constrain(a, ("batch", None)) for a in self.route(flat)))  # each [B*T, E | k]
         experts = self.expert_weights(x.dtype)
         act = glu_activation(self.config.ffn)
         outs = map_token_shards(  # [B*T, k, d], each batch shard's tokens dispatched on its own devices
