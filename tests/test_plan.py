@@ -253,3 +253,45 @@ def test_calibrate_and_perplexity_on_a_mesh_config_equal_the_single_device_run(m
     ppl = evaluate_perplexity(models["student"], [models["data"]], seq_len=32, batch_size=8)
     ppl_sharded = evaluate_perplexity(models["student"], [models["data"]], seq_len=32, batch_size=8, mesh=axes)
     assert ppl_sharded.ppl == pytest.approx(ppl.ppl, rel=1e-5) and ppl_sharded.tokens == ppl.tokens
+
+
+SLICED_LAYERS_HLO = """HloModule sliced
+
+%fused_slice (p0: f32[48,64,32], p1: s32[]) -> f32[1,64,32] {
+  %p0 = f32[48,64,32]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %c = s32[] constant(0)
+  ROOT %ds = f32[1,64,32]{2,1,0} dynamic-slice(%p0, %p1, %c, %c), dynamic_slice_sizes={1,64,32}
+}
+
+%fused_update (q0: f32[48,64,32], q1: f32[1,64,32], q2: s32[]) -> f32[48,64,32] {
+  %q0 = f32[48,64,32]{2,1,0} parameter(0)
+  %q1 = f32[1,64,32]{2,1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  %neg = f32[1,64,32]{2,1,0} negate(%q1)
+  ROOT %dus = f32[48,64,32]{2,1,0} dynamic-update-slice(%q0, %neg, %q2, %z, %z)
+}
+
+ENTRY %main (w: f32[48,64,32], g: f32[48,64,32], i: s32[]) -> (f32[1,64,32], f32[48,64,32], f32[48,64,32]) {
+  %w = f32[48,64,32]{2,1,0} parameter(0)
+  %g = f32[48,64,32]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %slice = f32[1,64,32]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_slice
+  %upd = f32[48,64,32]{2,1,0} fusion(%g, %slice, %i), kind=kLoop, calls=%fused_update
+  %plain = f32[48,64,32]{2,1,0} dynamic-update-slice(%w, %slice, %i, %i, %i)
+  ROOT %out = (f32[1,64,32]{2,1,0}, f32[48,64,32]{2,1,0}, f32[48,64,32]{2,1,0}) tuple(%slice, %upd, %plain)
+}
+"""
+
+
+def test_hbm_bytes_count_a_dynamic_slice_and_an_in_place_update_by_the_slice():
+    """A scanned layer reads its layer of the stacked weights and writes its layer of the stacked outputs: the
+    traffic is the [1, 64, 32] slice, not the [48, 64, 32] stack (hand-counted on a hand-written module)."""
+    from m2d_jax.plan.hlo import program_costs
+
+    layer, index = 64 * 32 * 4, 4
+    slice_fusion = layer + index + layer  # read the slice and the index, write the slice
+    update_fusion = layer + index + layer  # read the update and the index, write it in place
+    plain_update = 3 * index + 2 * layer  # the same without a fusion
+    assert program_costs(SLICED_LAYERS_HLO)["hbm_bytes"] == slice_fusion + update_fusion + plain_update

@@ -10,7 +10,8 @@ computed once, in the forward pass, together with the gradient with respect to t
 kernel, so the backward pass only scales those by the incoming cotangent (no logits recomputed).
 
 Every loss returns (sum over valid tokens, number of valid tokens) so that micro-batches combine into the exact
-token mean of the whole batch.
+token mean of the whole batch. Under a sharded step (``distill.sharding.activation_sharding``) every chunk and its
+logits keep the batch sharded over (data, fsdp) and the vocabulary over the tensor axis.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from m2d_jax.models.layers import constrain
 
 Head = Callable[[jax.Array], jax.Array]  # hidden [..., d] -> logits [..., V]
 
@@ -38,7 +41,13 @@ def _split_chunks(x, chunk: int):
     """[B, S, ...] -> [n, B, chunk, ...], S padded with zeros to n * chunk."""
     pad = -x.shape[1] % chunk
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape((x.shape[0], -1, chunk) + x.shape[2:]), 1, 0)
+    chunks = jnp.moveaxis(x.reshape((x.shape[0], -1, chunk) + x.shape[2:]), 1, 0)
+    return constrain(chunks, (None, "batch", "seq") + (None,) * (x.ndim - 2))
+
+
+def _logits_layout(logits):
+    """[B, c, V] logits of one chunk: batch over (data, fsdp), vocabulary over tensor."""
+    return constrain(logits, ("batch", "seq", "vocab"))
 
 
 def _chunked_sums(per_chunk: Callable, xs: tuple, mask, chunk: int):
@@ -72,8 +81,8 @@ def forward_kl_sums(student_hidden, teacher_hidden, mask, student_head: Head, te
     """
 
     def per_chunk(hs, ht, m):
-        t_logits = jax.lax.stop_gradient(teacher_head(ht))  # [B, c, V]
-        return jnp.sum(token_forward_kl(t_logits, student_head(hs), temperature) * m)
+        t_logits = _logits_layout(jax.lax.stop_gradient(teacher_head(ht)))  # [B, c, V]
+        return jnp.sum(token_forward_kl(t_logits, _logits_layout(student_head(hs)), temperature) * m)
 
     return _chunked_sums(per_chunk, (student_hidden, teacher_hidden), mask, chunk)
 
@@ -99,8 +108,8 @@ def _kl_chunk(hs, ws, ht, wt, m, temperature: float, with_grads: bool):
     """One chunk: KL sum over its valid positions, and with ``with_grads`` its gradients (d hs [B, c, d_S] in hs's
     dtype, d ws [d_S, V] float32). hs [B, c, d_S], ht [B, c, d_T], m [B, c]."""
     ws = ws.astype(hs.dtype)
-    t_logits = jnp.matmul(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32)  # [B, c, V]
-    s_logits = jnp.matmul(hs, ws, preferred_element_type=jnp.float32)  # [B, c, V]
+    t_logits = _logits_layout(jnp.matmul(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32))  # [B, c, V]
+    s_logits = _logits_layout(jnp.matmul(hs, ws, preferred_element_type=jnp.float32))  # [B, c, V]
     t_logp = jax.nn.log_softmax(t_logits / temperature, axis=-1)
     s_logp = jax.nn.log_softmax(s_logits / temperature, axis=-1)
     p_t = jnp.exp(t_logp)
@@ -108,8 +117,10 @@ def _kl_chunk(hs, ws, ht, wt, m, temperature: float, with_grads: bool):
     kl = jnp.sum(jnp.where(valid, jnp.sum(p_t * (t_logp - s_logp), axis=-1), 0.0))
     if not with_grads:
         return kl
-    d_logits = jnp.where(valid[..., None], (jnp.exp(s_logp) - p_t) / temperature, 0.0).astype(hs.dtype)  # [B, c, V]
-    d_hidden = jnp.einsum("bcv,dv->bcd", d_logits, ws, preferred_element_type=jnp.float32).astype(hs.dtype)
+    d_logits = _logits_layout(jnp.where(valid[..., None], (jnp.exp(s_logp) - p_t) / temperature,
+                                        0.0).astype(hs.dtype))  # [B, c, V]
+    d_hidden = constrain(jnp.einsum("bcv,dv->bcd", d_logits, ws, preferred_element_type=jnp.float32).astype(hs.dtype),
+                         ("batch", "seq", "embed"))
     d_kernel = jnp.einsum("bcd,bcv->dv", hs, d_logits, preferred_element_type=jnp.float32)  # [d_S, V]
     return kl, d_hidden, d_kernel
 
@@ -117,6 +128,8 @@ def _kl_chunk(hs, ws, ht, wt, m, temperature: float, with_grads: bool):
 def _fused_kl_pass(hs, ws, ht, wt, mask, temperature: float, chunk: int, with_grads: bool):
     """KL sum over all chunks (a ``lax.scan`` when ``chunk`` splits S), and with ``with_grads`` its gradients."""
     s = mask.shape[1]
+    # the LM-head kernels in the compute dtype, laid out (gathered, under a sharded step) once for all chunks
+    ws, wt = (constrain(w.astype(h.dtype), ("embed", "vocab")) for w, h in ((ws, hs), (wt, ht)))
     if chunk <= 0 or chunk >= s:
         return _kl_chunk(hs, ws, ht, wt, mask, temperature, with_grads)
 
@@ -133,7 +146,8 @@ def _fused_kl_pass(hs, ws, ht, wt, mask, temperature: float, chunk: int, with_gr
     if not with_grads:
         return jax.lax.scan(body, total, xs)[0]
     (total, d_kernel), d_hidden = jax.lax.scan(body, (total, jnp.zeros(ws.shape, jnp.float32)), xs)
-    d_hidden = jnp.moveaxis(d_hidden, 0, 1).reshape((hs.shape[0], -1, hs.shape[2]))[:, :s]  # [B, S, d_S]
+    d_hidden = constrain(jnp.moveaxis(d_hidden, 0, 1).reshape((hs.shape[0], -1, hs.shape[2]))[:, :s],
+                         ("batch", "seq", "embed"))  # [B, S, d_S]
     return total, d_hidden, d_kernel
 
 
@@ -165,7 +179,7 @@ def next_token_ce_sums(hidden, input_ids, mask, head: Head, chunk: int = 0):
     pair_mask = next_token_pairs(mask)
 
     def per_chunk(h, y, m):
-        logp = jax.nn.log_softmax(head(h).astype(jnp.float32), axis=-1)  # [B, c, V]
+        logp = jax.nn.log_softmax(_logits_layout(head(h)).astype(jnp.float32), axis=-1)  # [B, c, V]
         return -jnp.sum(jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0] * m)
 
     return _chunked_sums(per_chunk, (hidden, labels), pair_mask, chunk)

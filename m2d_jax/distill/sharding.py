@@ -4,12 +4,19 @@ Parameters carry logical axis names in their ``out_sharding`` metadata (``vocab`
 ``kv_heads``, ``head_dim``, ``mlp``, ``exp``, ``layers``; ``q_lora`` / ``kv_lora`` for MLA). ``LOGICAL_AXIS_RULES``
 maps each name to a mesh axis (or None = replicated); parallelism is changed here, never in model code. The batch
 is sharded over (``data``, ``fsdp``). The same rules serve TPU, GPU and CPU meshes.
+
+Activations carry logical names too (``models.layers.constrain`` at the decoder's layer boundaries, inside attention,
+the FFN and the MoE layer, and on the loss chunks); ``ACTIVATION_RULES`` maps them, and a step traced inside
+``activation_sharding(mesh)`` keeps every activation's batch sharded over (``data``, ``fsdp``) with the model
+dimension whole, so FSDP all-gathers weights instead of all-reducing partial activations (docs/METHOD.md §11).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
@@ -18,6 +25,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from m2d_jax.errors import MeshError
+from m2d_jax.models.layers import activation_layout
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp")
@@ -35,6 +43,21 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "layers": None,
     "q_lora": None,  # DeepSeek MLA low-rank latents: small, replicated
     "kv_lora": None,
+}
+
+# activation logical axis -> mesh axis (or axes). The batch (and the flattened tokens of an MoE layer) over data x
+# fsdp; the model dimension whole (FSDP gathers the weights, not the activations); heads, FFN width and vocabulary
+# over the tensor axis, as their weights are; the sequence whole.
+ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "seq": None,
+    "embed": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "exp": "expert",
 }
 
 
@@ -71,24 +94,57 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
 
 
 def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
-                    rules: Mapping[str, str | None] = LOGICAL_AXIS_RULES) -> P:
+                    rules: Mapping[str, str | tuple[str, ...] | None] = LOGICAL_AXIS_RULES) -> P:
     """PartitionSpec of one array from its logical axis names.
 
-    A mesh axis is used at most once per array (first dimension wins), and a dimension that the mesh axis size does
-    not divide stays replicated (e.g. 2 KV heads on a tensor axis of 4): always a valid layout, never an error.
+    A rule names one mesh axis or a tuple of them (the dimension split over their product). A mesh axis is used at
+    most once per array (first dimension wins), axes of size 1 are left out, and a dimension that the mesh axes'
+    size does not divide stays replicated (e.g. 2 KV heads on a tensor axis of 4): always a valid layout, never an
+    error.
     """
     used: set[str] = set()
     spec = []
     for name, size in zip(axes, shape):
         if name is not None and name not in rules:
             raise MeshError(f"logical axis {name!r} has no rule (known: {sorted(rules)})")
-        mesh_axis = rules.get(name) if name is not None else None
-        if mesh_axis is None or mesh_axis in used or size % mesh.shape[mesh_axis]:
+        rule = rules.get(name) if name is not None else None
+        mesh_axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if mesh.shape[a] > 1)
+        if not mesh_axes or used.intersection(mesh_axes) or size % math.prod(mesh.shape[a] for a in mesh_axes):
             spec.append(None)
             continue
-        used.add(mesh_axis)
-        spec.append(mesh_axis if mesh.shape[mesh_axis] > 1 else None)
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return P(*spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationLayout:
+    """The models' activation constraints on ``mesh`` by ``rules`` (see ``models.layers.activation_layout``)."""
+    mesh: Mesh
+    rules: Mapping[str, str | tuple[str, ...] | None] = dataclasses.field(default_factory=lambda: ACTIVATION_RULES)
+
+    def constrain(self, x, axes: tuple[str | None, ...]):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, logical_to_spec(axes, x.shape, self.mesh,
+                                                                                            self.rules)))
+
+    def map_token_shards(self, fn: Callable, tokens: tuple, shared):
+        """``fn`` per batch shard (``jax.shard_map`` manual over the batch's mesh axes, the others left to the
+        partitioner); one call when the tokens do not split evenly or the batch is not sharded."""
+        spec = logical_to_spec(("batch",), (tokens[0].shape[0],), self.mesh, self.rules)
+        if spec[0] is None:
+            return fn(*tokens, shared)
+        batch_axes = (spec[0],) if isinstance(spec[0], str) else spec[0]
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=(*(P(spec[0]) for _ in tokens), P()),
+                             out_specs=P(spec[0]), axis_names=set(batch_axes), check_vma=False)(*tokens, shared)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Mapping[str, str | tuple[str, ...] | None] = ACTIVATION_RULES):
+    """Inside (entered in a jitted step's body, i.e. at trace time), the models' activation constraints pin each
+    activation to ``mesh`` by ``rules`` and MoE layers dispatch each batch shard's tokens on its own devices. The
+    abstract mesh is set as well, so jax's trace caches key on it."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), activation_layout(ActivationLayout(mesh, rules)):
+        yield
 
 
 def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_AXIS_RULES) -> dict:

@@ -26,8 +26,8 @@ from ml_collections import ConfigDict
 from m2d_jax.config_utils import load_config
 from m2d_jax.distill.objectives import OBJECTIVES, Objective, objective_from_config
 from m2d_jax.distill.schedule import wsd_schedule
-from m2d_jax.distill.sharding import (BATCH_AXES, batch_sharding, check_batch, make_mesh, param_shardings,
-                                      replicated)
+from m2d_jax.distill.sharding import (BATCH_AXES, activation_sharding, batch_sharding, check_batch, make_mesh,
+                                      param_shardings, replicated)
 from m2d_jax.models import CausalLM, ModelConfig, RuntimeConfig, abstract_model, load_runtime
 from m2d_jax.models.config import DTYPES
 
@@ -157,7 +157,9 @@ def make_train_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransf
     """``step(state, teacher_params, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is
     donated. ``batch``: {"input_ids", "attention_mask"} int32 [batch, seq] sharded over (data, fsdp), processed in
     ``micro_batches`` micro-batches. Metrics: loss, grad_norm, lr, tokens (the loss's token count) and the
-    objective's own (e.g. kl, or ce and load_balance)."""
+    objective's own (e.g. kl, or ce and load_balance). Traced under ``activation_sharding(mesh)``: activations keep
+    the batch sharded over (data, fsdp), and each micro-batch's gradients are reduce-scattered to the parameters'
+    shards before they are accumulated."""
 
     def micro_loss(params, teacher_params, micro_batch, tokens):
         """One micro-batch's share of the batch loss and metrics (exact batch values after summing)."""
@@ -165,9 +167,17 @@ def make_train_step(student_graphdef, teacher_graphdef, tx: optax.GradientTransf
         teacher = nnx.merge(teacher_graphdef, teacher_params) if objective.uses_teacher else None
         return objective(student, teacher, micro_batch, tokens, micro_batches)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)  # -> ((loss, metrics), grads)
+    value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def grad_fn(params, teacher_params, micro_batch, tokens):  # -> ((loss, metrics), grads sharded like params)
+        (loss, metrics), grads = value_and_grad(params, teacher_params, micro_batch, tokens)
+        return (loss, metrics), jax.lax.with_sharding_constraint(grads, state_shardings["params"])
 
     def step(state, teacher_params, batch):
+        with activation_sharding(mesh):  # at trace time: activations keep the batch sharded (distill/sharding.py)
+            return sharded_step(state, teacher_params, batch)
+
+    def sharded_step(state, teacher_params, batch):
         b, s = batch["input_ids"].shape  # [B, S]
         n = micro_batches
         tokens = jnp.maximum(jnp.sum(objective.loss_tokens(batch["attention_mask"]).astype(jnp.float32)), 1.0)

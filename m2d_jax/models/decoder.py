@@ -9,10 +9,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2d_jax.models.config import ModelConfig, RuntimeConfig
-from m2d_jax.models.layers import MLP, Attention, dtype_of, make_attention_mask, param, rms_norm
+from m2d_jax.models.layers import MLP, Attention, constrain, dtype_of, make_attention_mask, param, rms_norm
 from m2d_jax.models.mla import MLAttention
 from m2d_jax.models.rope import rope_cos_sin
 from m2d_jax.models.moe import MoE
+
+RESIDUAL = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, d]
 
 
 class DecoderLayer(nnx.Module):
@@ -37,18 +39,19 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, mask, observe=None, cache=None, cache_index=None, num_experts=None):
         """x: [B, T, d] -> (x', the MoE observation or None), plus the updated attention cache when given one.
         ``num_experts``: this MoE layer's real expert count (per-layer counts; None = all)."""
+        x = constrain(x, RESIDUAL)
         h = x if self.post_norm else self.input_norm(x)
         if cache is None:
             attn = self.attn(h, cos, sin, mask)
         else:
             attn, cache = self.attn(h, cos, sin, mask, cache=cache, cache_index=cache_index)
-        x = x + (self.post_attn_norm(attn) if self.post_norm else attn)
+        x = constrain(x + (self.post_attn_norm(attn) if self.post_norm else attn), RESIDUAL)
         h = x if self.post_norm else self.post_attn_norm(x)
         if self.kind == "moe":
             y, observation = self.moe(h, observe, num_experts)
         else:
             y, observation = self.mlp(h), None
-        x = x + (self.post_ffn_norm(y) if self.post_norm else y)
+        x = constrain(x + (self.post_ffn_norm(y) if self.post_norm else y), RESIDUAL)
         return (x, observation) if cache is None else (x, observation, cache)
 
 
@@ -118,8 +121,8 @@ class CausalLM(nnx.Module):
                 position_ids = jnp.maximum(earlier + jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(cdt)
-        cos, sin = rope_cos_sin(c, position_ids)  # [B, T, rope_dim / 2] float32
+        x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(cdt), RESIDUAL)
+        cos, sin = (constrain(r, ("batch", "seq", None)) for r in rope_cos_sin(c, position_ids))  # [B, T, rope/2] f32
         windows = jnp.asarray([c.attention.sliding_window if lt == "sliding_attention" else 0
                                for lt in c.attention.layer_types], jnp.int32)  # [L]
         # [L] real routed experts per layer when MoE layers differ in count (the rest of each stack is padding)
@@ -147,7 +150,7 @@ class CausalLM(nnx.Module):
             stack_experts = None if layer_experts is None else layer_experts[start:start + num]
             x, stack_output = jax.lax.scan(body, x, (state, windows[start:start + num], stack_cache, stack_experts))
             stack_outputs.append(stack_output)
-        x = self.final_norm(x)
+        x = constrain(self.final_norm(x), RESIDUAL)
         if cache is not None:
             return x, DecodeCache(tuple(stack_outputs), key_mask, cache.index + t)
         return x if observe is None else (x, stack_outputs)

@@ -1,6 +1,11 @@
-"""Decoder building blocks: parameters with logical axes, RMSNorm, RoPE, attention, the SwiGLU FFN."""
+"""Decoder building blocks: parameters with logical axes, activation sharding constraints, RMSNorm, RoPE, attention,
+the SwiGLU FFN."""
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +33,44 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, 
     else:
         raise ValueError(f"unknown init {init!r}")
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+# Activation logical axes: batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab, exp. A sharded step installs a
+# layout that maps them onto its mesh (``m2d_jax.distill.sharding.activation_sharding``, which owns the rules);
+# without one, ``constrain`` and ``map_token_shards`` change nothing, so single-device code, tests and decoding are
+# untouched.
+_ACTIVATION_LAYOUT: contextvars.ContextVar = contextvars.ContextVar("activation_layout", default=None)
+
+
+@contextlib.contextmanager
+def activation_layout(layout):
+    """While active (at trace time), ``constrain`` and ``map_token_shards`` defer to ``layout``: an object with
+    ``constrain(x, axes)`` and ``map_token_shards(fn, tokens, shared)``."""
+    token = _ACTIVATION_LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _ACTIVATION_LAYOUT.reset(token)
+
+
+def constrain(x, axes: tuple[str | None, ...]):
+    """``x`` with a sharding constraint from its logical axis names (one per dimension), or ``x`` itself when no
+    layout is active. Numerics never change: a constraint only fixes the layout the partitioner keeps."""
+    layout = _ACTIVATION_LAYOUT.get()
+    if layout is None:
+        return x
+    if len(axes) != x.ndim:
+        raise ValueError(f"activation axes {axes} do not match shape {x.shape}")
+    return layout.constrain(x, tuple(axes))
+
+
+def map_token_shards(fn: Callable, tokens: tuple, shared):
+    """``fn(*tokens, shared)``, where every array of ``tokens`` has a leading token axis sharded like the batch and
+    ``fn`` treats tokens independently (e.g. an MoE dispatch: sort, group, expert matmuls, unsort). Under a layout
+    each batch shard runs ``fn`` on its own tokens with ``shared`` (weights) whole on every device, so no token
+    crosses devices; otherwise it is one call."""
+    layout = _ACTIVATION_LAYOUT.get()
+    return fn(*tokens, shared) if layout is None else layout.map_token_shards(fn, tokens, shared)
 
 
 def dtype_of(name: str):
@@ -123,7 +166,9 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         """x [B, T, d] -> [B, T, d]; with a ``cache`` (see ``init_cache``) -> (out, updated cache)."""
         a = self.config.attention
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H|KV, D]
+        q = constrain(self.q_proj(x), ("batch", "seq", "heads", "head_dim"))  # [B, T, H, D]
+        k = constrain(self.k_proj(x), ("batch", "seq", "kv_heads", "head_dim"))  # [B, T, KV, D]
+        v = constrain(self.v_proj(x), ("batch", "seq", "kv_heads", "head_dim"))
         if a.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         elif a.qk_norm == "full":
@@ -136,7 +181,8 @@ class Attention(nnx.Module):
             cache = write_cache(cache, cache_index, k=k, v=v)
             k, v = cache["k"], cache["v"]  # [B, S, KV, D]
         sinks = self.sinks[...] if a.sinks else None
-        out = self.o_proj(dot_product_attention(q, k, v, mask, softmax_scale(self.config), sinks))
+        out = constrain(self.o_proj(dot_product_attention(q, k, v, mask, softmax_scale(self.config), sinks)),
+                        ("batch", "seq", "embed"))  # [B, T, d]
         return out if cache is None else (out, cache)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> dict:
@@ -200,4 +246,7 @@ class MLP(nnx.Module):
         self.down_proj = Linear((width,), (d,), ("mlp",), ("embed",), bias, dtype, rngs)
 
     def __call__(self, x):
-        return self.down_proj(glu_activation(self.ffn)(self.gate_proj(x), self.up_proj(x)))
+        """x [B, T, d] or tokens [T, d] -> the same shape."""
+        tokens = ("batch", "seq")[:x.ndim - 1]
+        hidden = constrain(glu_activation(self.ffn)(self.gate_proj(x), self.up_proj(x)), (*tokens, "mlp"))
+        return constrain(self.down_proj(hidden), (*tokens, "embed"))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2d_jax.models.config import DISPATCHES, ModelConfig, RuntimeConfig
-from m2d_jax.models.layers import MLP, dtype_of, glu_activation, param
+from m2d_jax.models.layers import MLP, constrain, dtype_of, glu_activation, map_token_shards, param
 
 
 class ExpertWeights(NamedTuple):
@@ -302,16 +302,18 @@ class MoE(nnx.Module):
         counts): this layer's real experts E_l, the first E_l of the stacked E."""
         rt = self.runtime
         b, t, d = x.shape
-        flat = x.reshape(b * t, d)
+        flat = constrain(x.reshape(b * t, d), ("batch", "embed"))  # [B*T, d] tokens, sharded like the batch
         real = None if num_experts is None else jnp.arange(self.config.moe.experts.num_experts) < num_experts  # [E]
-        routing = self.route(flat, real)
+        routing = Routing(*(constrain(a, ("batch", None)) for a in self.route(flat, real)))  # each [B*T, E | k]
         experts = self.expert_weights(x.dtype)
         act = glu_activation(self.config.ffn)
-        outs = expert_outputs(rt.moe_dispatch, flat, routing.top_idx, experts, act, rt.capacity_factor,
-                              rt.moe_block_size, rt.moe_blocks_per_step)  # [B*T, k, d]
+        outs = map_token_shards(  # [B*T, k, d], each batch shard's tokens dispatched on its own devices
+            lambda x_, idx, w: expert_outputs(rt.moe_dispatch, x_, idx, w, act, rt.capacity_factor,
+                                              rt.moe_block_size, rt.moe_blocks_per_step), (flat, routing.top_idx),
+            experts)
         y = jnp.einsum("tk,tkd->td", routing.top_weight.astype(x.dtype), outs)
         spec = self.config.moe.experts
         if spec.shared_size:
             y = y + (self.shared(flat) if spec.shared_scale == 1 else spec.shared_scale * self.shared(flat))
         observation = observe(MoEView(flat, routing, outs, experts, act, real)) if observe is not None else None
-        return y.reshape(b, t, d), observation
+        return constrain(y.reshape(b, t, d), ("batch", "seq", "embed")), observation

@@ -11,7 +11,9 @@ whose count is not found counts once and is listed in ``unknown_trip_loops``:
 - ``collective_bytes``: bytes each device sends or receives in all-gather (output), reduce-scatter (input),
   all-reduce (2 x buffer), all-to-all and collective-permute (buffer);
 - ``hbm_bytes``: operands read plus outputs written by every top-level (unfused) instruction — an ESTIMATE of HBM
-  traffic (operands kept in on-chip memory are counted too).
+  traffic (operands kept in on-chip memory are counted too). A dynamic slice reads only its slice and a dynamic
+  update slice writes its update in place (also as what a fusion does to one of its parameters: the scanned layers
+  read their layer of the stacked weights and write their layer of the stacked residuals and gradients).
 """
 
 from __future__ import annotations
@@ -52,17 +54,24 @@ def _nbytes(type_text: str) -> int:
 
 
 def _parse(text: str) -> tuple[dict, str | None]:
-    """{computation: [(name, type, opcode, operands, attributes)]} and the entry computation's name."""
-    computations, entry, current = {}, None, None
+    """{computation: [(name, type, opcode, operands, attributes)]} (the root instruction last) and the entry
+    computation's name."""
+    computations, entry, current, root = {}, None, None, None
     for line in text.splitlines():
         header = _HEADER.match(line)
         if header:
-            current = header.group(2)
+            current, root = header.group(2), None
             computations[current] = []
             entry = current if header.group(1) else entry
             continue
+        if line == "}" and current is not None:  # the root instruction last
+            instrs = computations[current]
+            instrs.sort(key=lambda instr: instr[0] == root)
+            continue
         if current is None or " = " not in line or not line.startswith("  "):
             continue
+        if line.startswith("  ROOT "):
+            root = line.strip().removeprefix("ROOT ").split(" = ", 1)[0].lstrip("%")
         name, rest = line.strip().removeprefix("ROOT ").split(" = ", 1)
         end = _balanced(rest, 0) if rest.startswith("(") else rest.index(" ")
         type_text, rest = rest[:end], rest[end:].lstrip()
@@ -74,6 +83,56 @@ def _parse(text: str) -> tuple[dict, str | None]:
         operands = re.sub(r"/\*.*?\*/", "", rest[paren + 1:close - 1])  # drop /*index=5*/ comments
         computations[current].append((name.lstrip("%"), type_text, opcode, operands, rest[close:]))
     return computations, entry
+
+
+def _operand_names(operands: str) -> list[str]:
+    return [o.strip().lstrip("%") for o in operands.split(",") if o.strip()]
+
+
+def _hbm_bytes(opcode: str, type_text: str, operands: str, attrs: str, types: dict, computations: dict) -> int:
+    """Bytes an unfused instruction reads and writes: every operand and the output, except that a dynamic slice
+    reads its slice and a dynamic update slice reads and writes its update in place — also when a fusion does
+    either to one of its parameters (a parameter used only as the sliced operand of dynamic slices counts their
+    slices; a parameter that the root, or an element of a root tuple, updates in place counts nothing, and that
+    output counts its update)."""
+    names = _operand_names(operands)
+    operand_bytes = [_nbytes(types.get(n, "")) for n in names]
+    if opcode == "dynamic-slice":
+        return 2 * _nbytes(type_text) + sum(operand_bytes[1:])
+    if opcode == "dynamic-update-slice":
+        return 2 * operand_bytes[1] + sum(operand_bytes[2:])
+    callee = re.search(r"calls=%([^\s,]+)", attrs) if opcode == "fusion" else None
+    body = computations.get(callee.group(1), []) if callee else []
+    if not body:
+        return _nbytes(type_text) + sum(operand_bytes)
+    local = {name: t for name, t, *_ in body}
+    params = {name: int(ops) for name, _, op, ops, _ in body if op == "parameter"}
+    uses: dict[str, list] = {name: [] for name in params}
+    for name, t, op, ops, _ in body:
+        for position, operand in enumerate(_operand_names(ops)):
+            if operand in uses:
+                uses[operand].append((op, position, t))
+    by_name = {name: (t, op, ops) for name, t, op, ops, _ in body}
+    root_name, root_type, root_op, root_ops, _ = body[-1]
+    outputs = ([(root_name, root_type, root_op, root_ops)] if root_op != "tuple" else
+               [(n, *by_name[n]) for n in _operand_names(root_ops) if n in by_name])
+    written, in_place = 0, set()
+    for _, t, op, ops in outputs:
+        targets = _operand_names(ops)
+        if op == "dynamic-update-slice" and targets[0] in params and len(uses[targets[0]]) == 1:
+            in_place.add(targets[0])
+            written += _nbytes(local.get(targets[1], ""))
+        else:
+            written += _nbytes(t)
+    read = 0
+    for name, index in params.items():
+        if name in in_place:
+            continue
+        if uses[name] and all(op == "dynamic-slice" and position == 0 for op, position, _ in uses[name]):
+            read += sum(_nbytes(t) for _, _, t in uses[name])
+        else:
+            read += operand_bytes[index] if index < len(operand_bytes) else 0
+    return written + read
 
 
 def _taps(out_size: int, in_size: int, window: int, stride: int, pad_low: int, lhs_dilate: int,
@@ -185,8 +244,7 @@ def program_costs(text: str) -> dict:
                 total["collective_bytes"][kind] = total["collective_bytes"].get(kind, 0) + (
                     2 * nbytes if kind == "all_reduce" else nbytes)
             if top_level and opcode not in _FREE:
-                total["hbm_bytes"] += _nbytes(type_text) + sum(
-                    _nbytes(types.get(o.strip().lstrip("%"), "")) for o in operands.split(",") if o.strip())
+                total["hbm_bytes"] += _hbm_bytes(opcode, type_text, operands, attrs, types, computations)
             if opcode == "while":
                 body = re.search(r"body=%([^\s,]+)", attrs).group(1)
                 condition = re.search(r"condition=%([^\s,]+)", attrs).group(1)
