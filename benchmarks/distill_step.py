@@ -99,16 +99,6 @@ class JaxSide:
         jax.block_until_ready(p.state)
         return [float(x) for x in losses]
 
-    def memory(self, batch: int, seq: int) -> int:
-        """XLA temp buffer bytes of this compiled train step at [batch, seq] (no execution)."""
-        import jax
-        import jax.numpy as jnp
-
-        p = self.parts
-        spec = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-        return p.step.lower(p.state, p.teacher_params, {"input_ids": spec, "attention_mask": spec}).compile() \
-            .memory_analysis().temp_size_in_bytes
-
 
 def torch_models(teacher_dir, student_dir):
     """(teacher, student, AdamW) of the eager loop: transformers' default implementations, float32."""
@@ -152,16 +142,14 @@ class TorchSide:
         return [self.step(*b) for b in data]
 
 
-def step_memory(teacher_dir, student_dir, batch: int, seq: int, chunk: int, fused: bool) -> dict:
-    """XLA buffer sizes of the compiled train step (no execution)."""
+def temp_bytes(parts: SimpleNamespace, batch: int, seq: int) -> int:
+    """XLA's temporary buffer bytes of the compiled train step ``jax_step(...)`` at [batch, seq] (no execution)."""
     import jax
     import jax.numpy as jnp
 
-    p = jax_step(teacher_dir, student_dir, chunk, fused)
     spec = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    analysis = p.step.lower(p.state, p.teacher_params, {"input_ids": spec, "attention_mask": spec}).compile() \
-        .memory_analysis()
-    return {"temp_bytes": analysis.temp_size_in_bytes, "argument_bytes": analysis.argument_size_in_bytes}
+    return parts.step.lower(parts.state, parts.teacher_params, {"input_ids": spec, "attention_mask": spec}) \
+        .compile().memory_analysis().temp_size_in_bytes
 
 
 def interleaved(sides: dict, data, rounds: int, steps: int) -> tuple[dict, dict]:
@@ -215,8 +203,8 @@ def main():
     mem_s = dict(student_cfg, **{k: v for k, v in MEMORY.items() if k != "moe_intermediate_size"})
     mt_dir = make_hf_checkpoint(mem_t, tmp / "mem_teacher", seed=0)
     ms_dir = make_hf_checkpoint(mem_s, tmp / "mem_student", seed=1)
-    memory = {c: {"benchmark": sides[c].memory(args.batch, args.seq),
-                  "large_vocab": step_memory(mt_dir, ms_dir, args.batch, args.memory_seq, c, fused)["temp_bytes"]}
+    memory = {c: {"benchmark": temp_bytes(sides[c].parts, args.batch, args.seq),
+                  "large_vocab": temp_bytes(jax_step(mt_dir, ms_dir, c, fused), args.batch, args.memory_seq)}
               for c in chunks}
 
     tokens = args.batch * args.seq * args.steps
@@ -227,16 +215,18 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     loss_kind = "unfused (checkpointed)" if args.unfused else "fused"
-    print(f"\nteacher {teacher_cfg['num_hidden_layers']}L d={teacher_cfg['hidden_size']} E={teacher_cfg['num_experts']} "
-          f"top-{teacher_cfg['num_experts_per_tok']}, dense student, vocab {teacher_cfg['vocab_size']}, batch "
-          f"{args.batch} x seq {args.seq}; {args.rounds} interleaved rounds x {args.steps} steps per side after one "
-          f"warm-up step; torch threads {torch.get_num_threads()}, {os.cpu_count()} cores; load average (1, 5, 15 min)"
-          f" {load_start} at start, {load_end} at end\n")
+    t = teacher_cfg
+    print(f"\nteacher {t['num_hidden_layers']}L d={t['hidden_size']} E={t['num_experts']} "
+          f"top-{t['num_experts_per_tok']}, dense student, vocab {t['vocab_size']}, batch {args.batch} x seq "
+          f"{args.seq}; {args.rounds} interleaved rounds x {args.steps} steps per side after one warm-up step; "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores; load average (1, 5, 15 min) "
+          f"{load_start} at start, {load_end} at end\n")
     print(f"| train step (forward KL + AdamW) | tokens/s best | median | ratio best | ratio median | max abs loss diff "
           f"to PyTorch | XLA temp, these shapes | XLA temp, vocab {MEMORY['vocab_size']} x seq {args.memory_seq} |")
     print("|---|---|---|---|---|---|---|---|")
     best_t, med_t = max(rate["torch"]), float(np.median(rate["torch"]))
-    print(f"| PyTorch eager (transformers teacher + student) | {best_t:.0f} | {med_t:.0f} | 1.00x | 1.00x | - | - | - |")
+    print(f"| PyTorch eager (transformers teacher + student) | {best_t:.0f} | {med_t:.0f} | 1.00x | 1.00x | - | - "
+          "| - |")
     full = memory[0]["large_vocab"]
     for c in chunks:
         diff = max(abs(a - b) for a, b in zip(losses[c], losses["torch"]))
@@ -245,8 +235,8 @@ def main():
         print(f"| m2d_jax jitted step, {loss_kind} loss, {what} | {best:.0f} | {med:.0f} | {best / best_t:.2f}x | "
               f"{med / med_t:.2f}x | {diff:.1e} | {memory[c]['benchmark'] / 2**20:.0f} MiB | "
               f"{memory[c]['large_vocab'] / 2**20:.0f} MiB ({memory[c]['large_vocab'] / full:.2f}x) |")
-    print(f"\nfull float32 logits of one model: {args.batch * args.seq * teacher_cfg['vocab_size'] * 4 / 2**20:.0f} MiB "
-          f"at these shapes, {args.batch * args.memory_seq * MEMORY['vocab_size'] * 4 / 2**20:.0f} MiB at vocab "
+    print(f"\nfull float32 logits of one model: {args.batch * args.seq * t['vocab_size'] * 4 / 2**20:.0f} MiB at these "
+          f"shapes, {args.batch * args.memory_seq * MEMORY['vocab_size'] * 4 / 2**20:.0f} MiB at vocab "
           f"{MEMORY['vocab_size']} x seq {args.memory_seq}")
 
 

@@ -245,7 +245,8 @@ def main():
         j, t = best[f"jax {name}"], best[f"torch {name}"]
         print(f"| {name} | {j * 1e3:.1f} | {t * 1e3:.1f} | {t / j:.2f}x |")
 
-    print("\n| GEMM | G x (M, K, N) | per step | XLA GFLOP/s | torch GFLOP/s | XLA / torch |\n|---|---|---|---|---|---|")
+    print("\n| GEMM | G x (M, K, N) | per step | XLA GFLOP/s | torch GFLOP/s | XLA / torch |")
+    print("|---|---|---|---|---|---|")
     total_x = total_t = flops = 0.0
     for name, g, (m, k, n), count, xs, ts in gemms:
         f = 2.0 * g * m * k * n
