@@ -79,21 +79,17 @@ class JaxSide:
     """One m2d_jax training run: ``run(batches) -> losses`` advances its own state by one step per batch."""
 
     def __init__(self, teacher_dir, student_dir, chunk: int, fused: bool):
-        import jax
-
         from m2d_jax.distill.sharding import batch_sharding
 
         self.parts = jax_step(teacher_dir, student_dir, chunk, fused)
         self.sharding = batch_sharding(self.parts.mesh)
-        self.device_put = jax.device_put
 
     def run(self, data) -> list[float]:
         import jax
 
         p, losses = self.parts, []
         for ids, mask in data:
-            batch = {"input_ids": self.device_put(ids, self.sharding), "attention_mask": self.device_put(mask,
-                                                                                                         self.sharding)}
+            batch = {key: jax.device_put(x, self.sharding) for key, x in (("input_ids", ids), ("attention_mask", mask))}
             p.state, metrics = p.step(p.state, p.teacher_params, batch)
             losses.append(metrics["loss"])
         jax.block_until_ready(p.state)
