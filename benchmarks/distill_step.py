@@ -1,4 +1,5 @@
-"""Distillation train-step throughput of m2d_jax vs a PyTorch eager loop, and peak memory of the chunked loss.
+"""Distillation train-step throughput of m2d_jax vs a PyTorch eager loop, interleaved best of N, and the memory of
+the loss unchunked and at two chunk sizes.
 
     python benchmarks/distill_step.py            # d=256, 4 layers, 16 experts top-4 teacher; 4 x 256 tokens/step
     python benchmarks/distill_step.py --quick    # a small smoke run
@@ -7,17 +8,24 @@
 Both loops run in this one process on the same CPU, float32, with the same random HF checkpoints (transformers
 Qwen3-MoE teacher, Qwen3 dense student), the same token batches, the same loss (forward KL, T=1, masked token mean),
 AdamW (0.9, 0.95, eps 1e-8, wd 0) and global-norm clipping at 1.0. The PyTorch loop is what a user would write:
-teacher under no_grad, full logits of both models, F.kl_div. Memory: XLA's own buffer assignment
-(``compiled.memory_analysis()``) of the whole jitted train step with the loss chunked vs unchunked. Prints Markdown.
+teacher under no_grad, full logits of both models, F.kl_div. The sides are the PyTorch loop and the m2d_jax step
+with the loss unchunked (chunk 0) and at two chunk sizes, each with its own training state; in each of ``--rounds``
+rounds every side runs ``--steps`` timed steps on the same batches (the rounds rotate the order of the sides), so
+all sides train on the same batch sequence and their losses compare step by step. Reported: best and median
+tokens/s over the rounds, the load average at start and end, and the largest loss difference to PyTorch.
+Memory: XLA's own buffer assignment (``compiled.memory_analysis()``) of the whole jitted train step at each chunk
+size, at the throughput shapes and at a larger vocabulary. Prints Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -38,8 +46,13 @@ def batches(vocab: int, batch: int, seq: int, n: int, seed: int = 0):
             for _ in range(n)]
 
 
-def jax_step(teacher_dir, student_dir, chunk: int, fused: bool):
-    """The library's jitted train step on one device: (state, teacher params, step fn, mesh)."""
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def jax_step(teacher_dir, student_dir, chunk: int, fused: bool) -> SimpleNamespace:
+    """The library's jitted train step on one device: state, teacher_params, step, mesh, and the parts it is made
+    of (student_graphdef, teacher_graphdef, tx)."""
     import jax
 
     from m2d_jax.distill import train
@@ -58,31 +71,34 @@ def jax_step(teacher_dir, student_dir, chunk: int, fused: bool):
     state, state_sh = train.init_train_state(s_state.to_pure_dict(), tx, mesh, s_sh)
     step = train.make_train_step(s_gd, t_gd, tx, schedule, ForwardKLDistillation(chunk=chunk, fused=fused), 1, mesh,
                                  state_sh, t_sh)
-    return state, t_state.to_pure_dict(), step, mesh
+    return SimpleNamespace(state=state, teacher_params=t_state.to_pure_dict(), step=step, mesh=mesh,
+                           student_graphdef=s_gd, teacher_graphdef=t_gd, tx=tx)
 
 
-def run_jax(teacher_dir, student_dir, data, chunk: int, fused: bool) -> tuple[float, list[float]]:
-    import jax
+class JaxSide:
+    """One m2d_jax training run: ``run(batches) -> losses`` advances its own state by one step per batch."""
 
-    from m2d_jax.distill.sharding import batch_sharding
+    def __init__(self, teacher_dir, student_dir, chunk: int, fused: bool):
+        from m2d_jax.distill.sharding import batch_sharding
 
-    state, teacher_params, step, mesh = jax_step(teacher_dir, student_dir, chunk, fused)
-    put = lambda b: {"input_ids": jax.device_put(b[0], batch_sharding(mesh)),  # noqa: E731
-                     "attention_mask": jax.device_put(b[1], batch_sharding(mesh))}
-    state, metrics = step(state, teacher_params, put(data[0]))  # compile + warm-up
-    jax.block_until_ready(metrics)
-    losses = []
-    t0 = time.perf_counter()
-    for b in data[1:]:
-        state, metrics = step(state, teacher_params, put(b))
-        losses.append(metrics["loss"])
-    jax.block_until_ready(state)
-    return time.perf_counter() - t0, [float(x) for x in losses]
+        self.parts = jax_step(teacher_dir, student_dir, chunk, fused)
+        self.sharding = batch_sharding(self.parts.mesh)
+
+    def run(self, data) -> list[float]:
+        import jax
+
+        p, losses = self.parts, []
+        for ids, mask in data:
+            batch = {key: jax.device_put(x, self.sharding) for key, x in (("input_ids", ids), ("attention_mask", mask))}
+            p.state, metrics = p.step(p.state, p.teacher_params, batch)
+            losses.append(metrics["loss"])
+        jax.block_until_ready(p.state)
+        return [float(x) for x in losses]
 
 
-def run_torch(teacher_dir, student_dir, data) -> tuple[float, list[float]]:
+def torch_models(teacher_dir, student_dir):
+    """(teacher, student, AdamW) of the eager loop: transformers' default implementations, float32."""
     import torch
-    import torch.nn.functional as F
     import transformers
 
     teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
@@ -90,6 +106,13 @@ def run_torch(teacher_dir, student_dir, data) -> tuple[float, list[float]]:
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    return teacher, student, opt
+
+
+def torch_step(teacher, student, opt):
+    """The eager loop's step ``(ids, mask) -> loss`` (numpy int32 [B, S] in, Python float out)."""
+    import torch
+    import torch.nn.functional as F
 
     def step(ids, mask):
         ids, mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
@@ -104,24 +127,40 @@ def run_torch(teacher_dir, student_dir, data) -> tuple[float, list[float]]:
         opt.step()
         return loss.item()
 
-    step(*data[0])  # warm-up
-    losses = []
-    t0 = time.perf_counter()
-    for b in data[1:]:
-        losses.append(step(*b))
-    return time.perf_counter() - t0, losses
+    return step
 
 
-def step_memory(teacher_dir, student_dir, batch: int, seq: int, chunk: int, fused: bool) -> dict:
-    """XLA buffer sizes of the compiled train step (no execution)."""
+class TorchSide:
+    def __init__(self, teacher_dir, student_dir):
+        self.step = torch_step(*torch_models(teacher_dir, student_dir))
+
+    def run(self, data) -> list[float]:
+        return [self.step(*b) for b in data]
+
+
+def temp_bytes(parts: SimpleNamespace, batch: int, seq: int) -> int:
+    """XLA's temporary buffer bytes of the compiled train step ``jax_step(...)`` at [batch, seq] (no execution)."""
     import jax
     import jax.numpy as jnp
 
-    state, teacher_params, step, mesh = jax_step(teacher_dir, student_dir, chunk, fused)
     spec = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    analysis = step.lower(state, teacher_params, {"input_ids": spec, "attention_mask": spec}).compile() \
-        .memory_analysis()
-    return {"temp_bytes": analysis.temp_size_in_bytes, "argument_bytes": analysis.argument_size_in_bytes}
+    return parts.step.lower(parts.state, parts.teacher_params, {"input_ids": spec, "attention_mask": spec}) \
+        .compile().memory_analysis().temp_size_in_bytes
+
+
+def interleaved(sides: dict, data, rounds: int, steps: int) -> tuple[dict, dict]:
+    """({side: [seconds of each round]}, {side: losses of every step}); batch data[0] warms every side up (compile),
+    then round r runs data[1 + r*steps : 1 + (r+1)*steps] on each side, the order of the sides rotated by r."""
+    names = list(sides)
+    seconds = {name: [] for name in names}
+    losses = {name: sides[name].run(data[:1]) for name in names}
+    for r in range(rounds):
+        chunk = data[1 + r * steps:1 + (r + 1) * steps]
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            losses[name] += sides[name].run(chunk)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds, losses
 
 
 def main():
@@ -129,10 +168,12 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per framework (after one warm-up)")
-    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
+    parser.add_argument("--rounds", type=int, default=5, help="N: interleaved rounds (best and median reported)")
+    parser.add_argument("--chunks", type=int, nargs=2, default=(64, 128), help="the two loss chunk sizes (and 0)")
     parser.add_argument("--memory-seq", type=int, default=512)
     parser.add_argument("--unfused", action="store_true", help="the loss under jax.checkpoint (loss.fused=False)")
+    parser.add_argument("--json", default="", help="also write the raw results here")
     args = parser.parse_args()
     import torch
 
@@ -142,41 +183,57 @@ def main():
     if args.quick:
         teacher_cfg.update(QUICK)
         student_cfg.update(QUICK)
-        args.seq, args.steps, args.memory_seq = 64, 3, 128
+        args.seq, args.steps, args.rounds, args.memory_seq, args.chunks = 64, 2, 2, 128, (16, 32)
+    load_start = load_average()
     tmp = Path(tempfile.mkdtemp(prefix="distill_bench_"))
     t_dir = make_hf_checkpoint(teacher_cfg, tmp / "teacher", seed=0, init_std=0.05)
     s_dir = make_hf_checkpoint(student_cfg, tmp / "student", seed=1, init_std=0.05)
-    data = batches(teacher_cfg["vocab_size"], args.batch, args.seq, args.steps + 1)
-    tokens = args.batch * args.seq * args.steps
+    data = batches(teacher_cfg["vocab_size"], args.batch, args.seq, 1 + args.rounds * args.steps)
+    chunks = (0,) + tuple(args.chunks)
+    fused = not args.unfused
+    sides = {"torch": TorchSide(t_dir, s_dir), **{c: JaxSide(t_dir, s_dir, c, fused) for c in chunks}}
+    seconds, losses = interleaved(sides, data, args.rounds, args.steps)
+    load_end = load_average()
 
-    jax_s, jax_losses = run_jax(t_dir, s_dir, data, args.chunk, not args.unfused)
-    torch_s, torch_losses = run_torch(t_dir, s_dir, data)
     mem_t = dict(teacher_cfg, **MEMORY)
     mem_s = dict(student_cfg, **{k: v for k, v in MEMORY.items() if k != "moe_intermediate_size"})
     mt_dir = make_hf_checkpoint(mem_t, tmp / "mem_teacher", seed=0)
     ms_dir = make_hf_checkpoint(mem_s, tmp / "mem_student", seed=1)
-    memory = {c: step_memory(mt_dir, ms_dir, args.batch, args.memory_seq, c, not args.unfused)
-              for c in (0, args.chunk)}
+    memory = {c: {"benchmark": temp_bytes(sides[c].parts, args.batch, args.seq),
+                  "large_vocab": temp_bytes(jax_step(mt_dir, ms_dir, c, fused), args.batch, args.memory_seq)}
+              for c in chunks}
 
-    result = {"jax_tokens_per_s": tokens / jax_s, "torch_tokens_per_s": tokens / torch_s,
-              "jax_losses": jax_losses, "torch_losses": torch_losses, "memory": memory,
-              "torch_threads": torch.get_num_threads()}
-    print(json.dumps(result, indent=1))
-    ratio = result["jax_tokens_per_s"] / result["torch_tokens_per_s"]
-    print(f"\nteacher {teacher_cfg['num_hidden_layers']}L d={teacher_cfg['hidden_size']} E={teacher_cfg['num_experts']} "
-          f"top-{teacher_cfg['num_experts_per_tok']}, student dense, vocab {teacher_cfg['vocab_size']}, "
-          f"batch {args.batch} x seq {args.seq}, {args.steps} timed steps\n")
-    print("| train step (forward KL + AdamW) | tokens/s | ratio |\n|---|---|---|")
-    print(f"| PyTorch eager (transformers teacher + student) | {result['torch_tokens_per_s']:.0f} | 1.00x |")
-    loss_kind = "unfused" if args.unfused else "fused"
-    print(f"| m2d_jax jitted step ({loss_kind} loss, chunk {args.chunk}) | {result['jax_tokens_per_s']:.0f} "
-          f"| {ratio:.2f}x |")
-    full, chunked = memory[0]["temp_bytes"], memory[args.chunk]["temp_bytes"]
-    print(f"\nvocab {MEMORY['vocab_size']}, batch {args.batch} x seq {args.memory_seq}: full float32 logits of one "
-          f"model = {args.batch * args.memory_seq * MEMORY['vocab_size'] * 4 / 2**20:.0f} MiB\n")
-    print("| loss | XLA temp buffers of the train step | ratio |\n|---|---|---|")
-    print(f"| unchunked | {full / 2**20:.0f} MiB | 1.00x |")
-    print(f"| chunked ({args.chunk} positions) | {chunked / 2**20:.0f} MiB | {chunked / full:.2f}x |")
+    tokens = args.batch * args.seq * args.steps
+    rate = {name: [tokens / s for s in secs] for name, secs in seconds.items()}
+    result = {"tokens_per_s": {str(k): v for k, v in rate.items()}, "memory_temp_bytes": memory,
+              "losses": {str(k): v for k, v in losses.items()}, "load_average": [load_start, load_end],
+              "torch_threads": torch.get_num_threads(), "cores": os.cpu_count()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    loss_kind = "unfused (checkpointed)" if args.unfused else "fused"
+    t = teacher_cfg
+    print(f"\nteacher {t['num_hidden_layers']}L d={t['hidden_size']} E={t['num_experts']} "
+          f"top-{t['num_experts_per_tok']}, dense student, vocab {t['vocab_size']}, batch {args.batch} x seq "
+          f"{args.seq}; {args.rounds} interleaved rounds x {args.steps} steps per side after one warm-up step; "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores; load average (1, 5, 15 min) "
+          f"{load_start} at start, {load_end} at end\n")
+    print(f"| train step (forward KL + AdamW) | tokens/s best | median | ratio best | ratio median | max abs loss diff "
+          f"to PyTorch | XLA temp, these shapes | XLA temp, vocab {MEMORY['vocab_size']} x seq {args.memory_seq} |")
+    print("|---|---|---|---|---|---|---|---|")
+    best_t, med_t = max(rate["torch"]), float(np.median(rate["torch"]))
+    print(f"| PyTorch eager (transformers teacher + student) | {best_t:.0f} | {med_t:.0f} | 1.00x | 1.00x | - | - "
+          "| - |")
+    full = memory[0]["large_vocab"]
+    for c in chunks:
+        diff = max(abs(a - b) for a, b in zip(losses[c], losses["torch"]))
+        best, med = max(rate[c]), float(np.median(rate[c]))
+        what = "unchunked (chunk 0)" if c == 0 else f"chunk {c}"
+        print(f"| m2d_jax jitted step, {loss_kind} loss, {what} | {best:.0f} | {med:.0f} | {best / best_t:.2f}x | "
+              f"{med / med_t:.2f}x | {diff:.1e} | {memory[c]['benchmark'] / 2**20:.0f} MiB | "
+              f"{memory[c]['large_vocab'] / 2**20:.0f} MiB ({memory[c]['large_vocab'] / full:.2f}x) |")
+    print(f"\nfull float32 logits of one model: {args.batch * args.seq * t['vocab_size'] * 4 / 2**20:.0f} MiB at these "
+          f"shapes, {args.batch * args.memory_seq * MEMORY['vocab_size'] * 4 / 2**20:.0f} MiB at vocab "
+          f"{MEMORY['vocab_size']} x seq {args.memory_seq}")
 
 
 if __name__ == "__main__":

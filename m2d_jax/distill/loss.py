@@ -106,19 +106,24 @@ def fused_forward_kl_sums(student_hidden, student_kernel, teacher_hidden, teache
 
 def _kl_chunk(hs, ws, ht, wt, m, temperature: float, with_grads: bool):
     """One chunk: KL sum over its valid positions, and with ``with_grads`` its gradients (d hs [B, c, d_S] in hs's
-    dtype, d ws [d_S, V] float32). hs [B, c, d_S], ht [B, c, d_T], m [B, c]."""
+    dtype, d ws [d_S, V] float32). hs [B, c, d_S], ht [B, c, d_T], m [B, c].
+
+    One exponential per logit and model: with z = logits / T - max, e = exp(z) and Z = sum e, a position's
+    KL = sum_v e_T (z_T - z_S) / Z_T - log Z_T + log Z_S (as sum_v p_T = 1) and d/dz_S = (e_S / Z_S - e_T / Z_T) / T.
+    """
     ws = ws.astype(hs.dtype)
     t_logits = _logits_layout(jnp.matmul(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32))  # [B, c, V]
     s_logits = _logits_layout(jnp.matmul(hs, ws, preferred_element_type=jnp.float32))  # [B, c, V]
-    t_logp = jax.nn.log_softmax(t_logits / temperature, axis=-1)
-    s_logp = jax.nn.log_softmax(s_logits / temperature, axis=-1)
-    p_t = jnp.exp(t_logp)
+    z_t, z_s = (x / temperature - jnp.max(x / temperature, axis=-1, keepdims=True) for x in (t_logits, s_logits))
+    e_t, e_s = jnp.exp(z_t), jnp.exp(z_s)  # [B, c, V]
+    sum_t, sum_s = jnp.sum(e_t, axis=-1), jnp.sum(e_s, axis=-1)  # [B, c]
+    per_position = jnp.sum(e_t * (z_t - z_s), axis=-1) / sum_t - jnp.log(sum_t) + jnp.log(sum_s)  # [B, c]
     valid = m > 0  # [B, c]
-    kl = jnp.sum(jnp.where(valid, jnp.sum(p_t * (t_logp - s_logp), axis=-1), 0.0))
+    kl = jnp.sum(jnp.where(valid, per_position, 0.0))
     if not with_grads:
         return kl
-    d_logits = _logits_layout(jnp.where(valid[..., None], (jnp.exp(s_logp) - p_t) / temperature,
-                                        0.0).astype(hs.dtype))  # [B, c, V]
+    scale_t, scale_s = (jnp.where(valid, 1.0 / (x * temperature), 0.0)[..., None] for x in (sum_t, sum_s))
+    d_logits = _logits_layout((e_s * scale_s - e_t * scale_t).astype(hs.dtype))  # [B, c, V], 0 at masked positions
     d_hidden = constrain(jnp.einsum("bcv,dv->bcd", d_logits, ws, preferred_element_type=jnp.float32).astype(hs.dtype),
                          ("batch", "seq", "embed"))
     d_kernel = jnp.einsum("bcd,bcv->dv", hs, d_logits, preferred_element_type=jnp.float32)  # [d_S, V]
