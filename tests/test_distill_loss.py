@@ -274,8 +274,9 @@ def test_load_balance_loss_equals_switch_formula():
     top_idx = np.argsort(-probs, axis=1)[:, :k].astype(np.int32)
     mask = np.array([[1] * 8 + [0] * 4], np.int32).reshape(2, 6)
     view = types.SimpleNamespace(routing=types.SimpleNamespace(probs=jnp.asarray(probs),
-                                                               top_idx=jnp.asarray(top_idx)))
-    f, p = L.router_load_observer(jnp.asarray(mask))(view)
+                                                               top_idx=jnp.asarray(top_idx)), real_experts=None)
+    f, p, real = L.router_load_observer(jnp.asarray(mask))(view)
+    assert float(real) == e
     valid = mask.reshape(-1).astype(bool)
     counts = np.zeros(e)
     for row in top_idx[valid]:
@@ -284,10 +285,20 @@ def test_load_balance_loss_equals_switch_formula():
     np.testing.assert_allclose(f, f_ref, rtol=1e-6)
     np.testing.assert_allclose(p, p_ref, rtol=1e-6)
     # two layers in one stack, a dense stack (None): mean over layers of E * sum_e f_e P_e
-    obs = [(jnp.stack([f, jnp.full(e, 1 / e)]), jnp.stack([p, jnp.full(e, 1 / e)])), None]
+    obs = [(jnp.stack([f, jnp.full(e, 1 / e)]), jnp.stack([p, jnp.full(e, 1 / e)]), jnp.full(2, float(e))), None]
     expected = (e * (f_ref * p_ref).sum() + 1.0) / 2
     np.testing.assert_allclose(float(L.load_balance_loss(obs)), expected, rtol=1e-6)
     assert float(L.load_balance_loss([None])) == 0.0
+    # a padded layer (per-layer expert counts): 3 real experts of 5, balanced over them -> 1.0, not 5/3
+    real_experts = jnp.arange(e) < 3
+    padded = np.where(np.arange(e) < 3, 1 / 3, 0.0).astype(np.float32)
+    view = types.SimpleNamespace(routing=types.SimpleNamespace(
+        probs=jnp.broadcast_to(jnp.asarray(padded), (t, e)), top_idx=jnp.asarray(np.arange(t) % 3)[:, None]),
+        real_experts=real_experts)
+    f, p, real = L.router_load_observer(jnp.ones((1, t), jnp.int32))(view)
+    assert float(real) == 3
+    obs = [tuple(x[None] for x in (f, p, real))]
+    np.testing.assert_allclose(float(L.load_balance_loss(obs)), 1.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("decay_type", ["cosine", "linear", "1-sqrt"])

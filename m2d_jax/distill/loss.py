@@ -197,7 +197,8 @@ def next_token_pairs(mask):
 
 def router_load_observer(token_mask):
     """An ``observe`` hook for ``model.hidden_states`` giving each MoE layer's (dispatch fraction f [E], mean router
-    probability P [E]) over the valid tokens. ``token_mask`` [B, S] (1 = valid), flattened like the hook's tokens."""
+    probability P [E], its real experts E_l []) over the valid tokens (E_l < E only for padded per-layer expert
+    counts, whose padding has f = P = 0). ``token_mask`` [B, S] (1 = valid), flattened like the hook's tokens."""
     flat_mask = token_mask.reshape(-1).astype(jnp.float32)  # [T]
 
     def observe(view):
@@ -207,19 +208,21 @@ def router_load_observer(token_mask):
         assigned = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=jnp.float32), axis=1)  # [T, E] 0/1
         fraction = jnp.sum(assigned * flat_mask[:, None], axis=0) / (n * k)  # [E], sums to 1
         mean_prob = jnp.sum(probs * flat_mask[:, None], axis=0) / n  # [E], sums to 1
-        return fraction, mean_prob
+        real = jnp.float32(e) if view.real_experts is None else jnp.sum(view.real_experts, dtype=jnp.float32)
+        return fraction, mean_prob, real
 
     return observe
 
 
 def load_balance_loss(observations) -> jax.Array:
-    """Switch-Transformer auxiliary loss E * sum_e f_e P_e, averaged over MoE layers (1.0 when perfectly balanced).
+    """Switch-Transformer auxiliary loss E_l * sum_e f_e P_e, averaged over MoE layers (1.0 when perfectly balanced;
+    E_l the layer's real experts).
 
     ``observations``: the per-stack outputs of ``router_load_observer`` (None for dense stacks), each leaf with a
     leading layer axis. 0.0 for a model without MoE layers.
     """
-    per_layer = [f.shape[-1] * jnp.sum(f * p, axis=-1) for obs in observations if obs is not None
-                 for f, p in [obs]]  # each [layers_in_stack]
+    per_layer = [real * jnp.sum(f * p, axis=-1) for obs in observations if obs is not None
+                 for f, p, real in [obs]]  # each [layers_in_stack]
     if not per_layer:
         return jnp.zeros((), jnp.float32)
     return jnp.mean(jnp.concatenate(per_layer))
