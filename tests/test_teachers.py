@@ -13,7 +13,7 @@ from m2d_jax.config_utils import load_config
 from m2d_jax.data import (EMBEDDED_CORPUS, SPLITS, DataError, corpus_documents, corpus_records, load_tokenizer,
                           pack_documents, tokenize_documents)
 from m2d_jax.data.build_corpus import corpus_records as build_records, split_of, write_corpus
-from m2d_jax.data.teachers import TEACHERS, TRAINING_RECORD, teacher_dir
+from m2d_jax.data.teachers import ACCEPTANCE_RECORD, TEACHERS, TRAINING_RECORD, teacher_dir
 from m2d_jax.hf.oracle import reference_logits
 from m2d_jax.teachers import expert_load, train_teacher
 
@@ -98,13 +98,28 @@ def test_shipped_moe_teacher_predicts_heldout_text_and_routes_to_every_expert(he
     load = np.asarray(expert_load(model, windows, batch_size=16))  # [moe_layers, experts]
     assert load.shape == (model.config.num_layers, model.config.moe.experts.num_experts)
     np.testing.assert_allclose(load.sum(axis=1), 1.0, rtol=1e-5)
-    # routing spreads over the experts: in every layer at least 7/8 of them take >= 0.1% of the routed slots and no
-    # expert takes more than 4x its uniform share (the shipped teacher: 4 of layer 0's 32 experts are nearly
-    # unused, see BENCHMARKS.md "Teachers")
-    used = (load >= 1e-3).sum(axis=1)
-    assert used.min() >= 7 * load.shape[1] // 8 and load.max() < 4 / load.shape[1], (used, load.max())
+    # routing uses every expert: on these held-out documents each takes at least 1/8 and at most 3x its uniform
+    # share of the routed slots in every layer (measured 0.37x / 2.1x; the whole held-out split's min / max per
+    # layer are in training.json and BENCHMARKS.md)
+    uniform = 1 / load.shape[1]
+    assert load.min() > uniform / 8 and load.max() < 3 * uniform, (load.min(), load.max())
     recorded = np.asarray(record["expert_load"])
     assert recorded.shape == load.shape and np.abs(recorded - load).max() < 0.05  # same routing on a subset
+
+
+def test_moe_teacher_beats_a_dense_model_of_its_active_size_trained_on_the_same_tokens():
+    """The acceptance bar: the experts matter. The baseline is ``m2d train-teacher configs/teachers/dense_active.py``
+    (not shipped; its training record is)."""
+    moe = json.loads((teacher_dir("moe") / TRAINING_RECORD).read_text())
+    baseline = json.loads((teacher_dir("moe") / ACCEPTANCE_RECORD).read_text())
+    routed = moe["config"]["model"]
+    width = routed["num_experts_per_tok"] * routed["moe_intermediate_size"]  # top-k x expert width
+    assert baseline["family"] == "qwen3" and baseline["config"]["model"]["intermediate_size"] == width
+    assert (baseline["tokens"], baseline["steps"]) == (moe["tokens"], moe["steps"])
+    assert abs(baseline["active_params"] / moe["active_params"] - 1) < 0.02
+    assert baseline["heldout"]["tokens"] == moe["heldout"]["tokens"]  # the same whole held-out split
+    # shipped: 35.74 vs 38.23 (0.067 nats per token over 146,444 held-out tokens; BENCHMARKS.md "Teachers")
+    assert moe["heldout"]["ppl"] < 0.95 * baseline["heldout"]["ppl"], (moe["heldout"]["ppl"], baseline["heldout"])
 
 
 @pytest.mark.slow

@@ -33,8 +33,9 @@ def get_config() -> ConfigDict:
         tokenizer="",  # directory with tokenizer.json to reuse; "" = train a BPE on the train split
         tokenizer_vocab=4096,
         seed=0,
-        train=dict(steps=200, batch_size=16, seq_len=128, learning_rate=3e-3, weight_decay=0.1, warmup_steps=20,
-                   decay_steps=40, load_balance_weight=0.01, log_every=10),
+        # 2000 x 16 x 128 = 4,096,000 tokens (1.47 epochs of the train split), as shipped
+        train=dict(steps=2000, batch_size=16, seq_len=128, learning_rate=3e-3, weight_decay=0.1, warmup_steps=100,
+                   decay_steps=400, load_balance_weight=0.03, log_every=50),
         eval=dict(seq_len=128, batch_size=16,  # held-out perplexity and expert load
                   heldout_docs=0),  # 0 = the whole held-out split; > 0: its first N documents (quick checks)
         export_dtype="bfloat16",  # weights as shipped (training is float32)

@@ -7,6 +7,9 @@ split (``m2d_jax.data.corpus``):
 
     moe     Qwen3-MoE class (Qwen3MoeForCausalLM)
     dense   Qwen3 dense class (Qwen3ForCausalLM) of about the MoE's total parameter count, trained on the same tokens
+
+``moe/acceptance.json`` is the training record of the MoE teacher's acceptance baseline, a dense Qwen3 of its
+ACTIVE parameter count trained on the same tokens (``configs/teachers/dense_active.py``; its weights are not shipped).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from m2d_jax.errors import DataError
 TEACHERS = ("moe", "dense")
 TEACHERS_DIR = Path(__file__).parent
 TRAINING_RECORD = "training.json"
+ACCEPTANCE_RECORD = "acceptance.json"  # in moe/: the dense-active-size baseline's training record
 
 
 def teacher_dir(name: str) -> Path:
