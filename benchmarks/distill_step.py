@@ -36,6 +36,11 @@ STUDENT = dict(model_type="qwen3", vocab_size=8192, hidden_size=256, intermediat
                num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=4096,
                tie_word_embeddings=False)
 QUICK = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, head_dim=8)
+
+
+def model_configs(quick: bool) -> tuple[dict, dict]:
+    """HF config kwargs of the benchmark's (teacher, student): the throughput shapes, or the --quick ones."""
+    return ({**TEACHER, **QUICK}, {**STUDENT, **QUICK}) if quick else (dict(TEACHER), dict(STUDENT))
 MEMORY = dict(vocab_size=32768, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, head_dim=16)
 LR = 1e-4
 
@@ -179,10 +184,8 @@ def main():
 
     from m2d_jax.hf.oracle import make_hf_checkpoint
 
-    teacher_cfg, student_cfg = dict(TEACHER), dict(STUDENT)
+    teacher_cfg, student_cfg = model_configs(args.quick)
     if args.quick:
-        teacher_cfg.update(QUICK)
-        student_cfg.update(QUICK)
         args.seq, args.steps, args.rounds, args.memory_seq, args.chunks = 64, 2, 2, 128, (16, 32)
     load_start = load_average()
     tmp = Path(tempfile.mkdtemp(prefix="distill_bench_"))

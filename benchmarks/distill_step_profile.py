@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill_step import QUICK, STUDENT, TEACHER, batches, jax_step, load_average, torch_models, torch_step
+from distill_step import batches, model_configs, jax_step, load_average, torch_models, torch_step
 
 
 def best_of(fns: dict, reps: int) -> dict:
@@ -213,10 +213,8 @@ def main():
 
     from m2d_jax.hf.oracle import make_hf_checkpoint
 
-    teacher_cfg, student_cfg = dict(TEACHER), dict(STUDENT)
+    teacher_cfg, student_cfg = model_configs(args.quick)
     if args.quick:
-        teacher_cfg.update(QUICK)
-        student_cfg.update(QUICK)
         args.seq, args.reps = 64, 2
     load_start = load_average()
     tmp = Path(tempfile.mkdtemp(prefix="distill_profile_"))

@@ -1,4 +1,4 @@
-"""``m2d demo --quick``: the demo's whole path on a tiny budget (under about a minute on 2 CPU cores)."""
+"""``m2d demo --quick``: the demo's whole path on a tiny budget (about two minutes on 2 CPU cores, mostly compiles)."""
 
 from ml_collections import ConfigDict
 
