@@ -36,6 +36,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from m2d_jax.artifacts import atomic_write, is_primary_process, write_json
+from m2d_jax.data.text import check_data_files
 from m2d_jax.errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -175,18 +176,6 @@ def compared(row: dict) -> dict:
 
 
 # ---- the sweep ----------------------------------------------------------------------------------------------------
-def _data_paths(files: Sequence[str], field: str) -> list[str]:
-    """Data-file entries made absolute (``embedded:<split>`` entries kept as they are)."""
-    from m2d_jax.data import EMBEDDED_PREFIX
-
-    if not files:
-        raise ValueError(f"config field {field}: no data files given")
-    missing = [f for f in files if not f.startswith(EMBEDDED_PREFIX) and not Path(f).is_file()]
-    if missing:
-        raise ValueError(f"config field {field}: data file(s) not found: {', '.join(missing)}")
-    return [f if f.startswith(EMBEDDED_PREFIX) else str(Path(f).absolute()) for f in files]
-
-
 def _settings(config: ConfigDict) -> tuple[dict, dict]:
     """What the rows depend on (recorded in ``sweep.json``): for results.csv the teacher, data, evaluation and k; for
     distilled.csv the distillation recipe. The grid itself may grow between runs; paths, mesh, logging and
@@ -197,10 +186,10 @@ def _settings(config: ConfigDict) -> tuple[dict, dict]:
     distill["teacher"].pop("path", None)
     distill["student"].pop("path", None)
     calibration = config.calibration.to_dict()
-    calibration["files"] = [str(p) for p in _data_paths(calibration["files"], "calibration.files")] \
+    calibration["files"] = check_data_files(calibration["files"], "config field calibration.files") \
         if not calibration["stats"] else []
     calibration["stats"] = [str(Path(p).absolute()) for p in calibration["stats"]]
-    evaluation = {**config.eval.to_dict(), "files": [str(p) for p in _data_paths(config.eval.files, "eval.files")]}
+    evaluation = {**config.eval.to_dict(), "files": check_data_files(config.eval.files, "config field eval.files")}
     grid = {"teacher": str(Path(config.teacher).absolute()), "tokenizer": config.tokenizer, "dtype": config.dtype,
             "calibration": calibration, "eval": evaluation, "groups": config.grid.groups}
     distilled = {"expanded_top_k": config.expanded_top_k, "distill": distill}
@@ -233,7 +222,7 @@ def _statistics(config: ConfigDict, work: Path):
         paths = [work / "stats.npz"]
         if not paths[0].exists():
             print(f"calibrating {config.teacher} on {len(c.files)} file(s) -> {paths[0]}")
-            calibrate_files(config.teacher, _data_paths(c.files, "calibration.files"), paths[0], seq_len=c.seq_len,
+            calibrate_files(config.teacher, c.files, paths[0], seq_len=c.seq_len,
                             num_seqs=c.num_seqs, gram_tokens=c.gram_tokens, batch_size=c.batch_size, seed=c.seed,
                             tokenizer_dir=config.tokenizer or None, text_field=c.text_field, dtype=config.dtype,
                             show_progress=config.progress)
@@ -246,7 +235,7 @@ def _eval_tokens(config: ConfigDict, vocab_size: int) -> np.ndarray:
 
     e = config.eval
     tokenizer = load_tokenizer(config.tokenizer or config.teacher)
-    tokens = protocol_tokens(read_documents(_data_paths(e.files, "eval.files"), e.text_field), tokenizer)
+    tokens = protocol_tokens(read_documents(e.files, e.text_field), tokenizer)
     if e.max_tokens > 0:
         tokens = tokens[:e.max_tokens]
     if tokens.max() >= vocab_size:
@@ -311,8 +300,8 @@ def run_sweep(config: ConfigDict) -> dict:
     if not load_config(config.teacher)[0].is_moe:  # the inputs are checked before any work: a readable MoE teacher,
         raise ValueError(f"config field teacher: {config.teacher} is a dense model (the sweep converts an MoE)")
     if not config.calibration.stats:  # existing data files,
-        _data_paths(config.calibration.files, "calibration.files")
-    _data_paths(config.eval.files, "eval.files")
+        check_data_files(config.calibration.files, "config field calibration.files")
+    check_data_files(config.eval.files, "config field eval.files")
     if config.distill_best:  # and the distillation recipe
         check_config(distill_run_config(config, Path(config.teacher), Path(config.workdir), 0))
     work = Path(config.workdir).absolute()

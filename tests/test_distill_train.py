@@ -15,6 +15,7 @@ from distill_helpers import STUDENT, TEACHER, build_models, tiny_config
 from m2d_jax import cli
 from m2d_jax.config_utils import apply_overrides, load_config
 from m2d_jax.distill import check_config, train
+from m2d_jax.data import DataError
 from m2d_jax.distill.sharding import LOGICAL_AXIS_RULES, MeshError, logical_to_spec
 
 P = jax.sharding.PartitionSpec
@@ -158,6 +159,8 @@ def _fail_if_called(*_, **__):
     ({"schedule.decay_type": "exponential"}, ValueError, "decay_type"),
     ({"objective": "reverse_kl"}, ValueError, "objective"),
     ({"student.path": ""}, ValueError, "student.path: required"),
+    ({"data.files": ("absent.jsonl",)}, DataError, "config field data.files: absent.jsonl: data file not found"),
+    ({"data.files": ("embedded:test",)}, DataError, "data.files: 'embedded:test': the embedded corpus is named by its split"),
 ])
 def test_bad_config_fails_before_any_work(models, tmp_path, monkeypatch, changes, error, match):
     monkeypatch.setattr(train, "load_for_mesh", _fail_if_called)

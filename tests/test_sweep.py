@@ -197,7 +197,7 @@ def test_bad_inputs_are_refused_before_the_workdir_is_made(setup, tmp_path):
     workdir = tmp_path / "never"
     with pytest.raises(CheckpointError, match="no config.json"):
         run_sweep(sweep_config(setup, workdir, f"--config.teacher={tmp_path / 'missing'}"))
-    with pytest.raises(ValueError, match="config field eval.files: data file.s. not found: .*absent.jsonl"):
+    with pytest.raises(ValueError, match="config field eval.files: .*absent.jsonl: data file not found"):
         run_sweep(sweep_config(setup, workdir, f"--config.eval.files=('{tmp_path / 'absent.jsonl'}',)"))
     assert not workdir.exists()
 

@@ -6,9 +6,9 @@ window indices gives deterministic shuffling from a seed, sharding by process, a
 """
 
 from m2d_jax.data.corpus import SPLITS, corpus_documents, corpus_records, write_split
-from m2d_jax.data.text import (DataError, EMBEDDED_CORPUS, EMBEDDED_PREFIX, Tokenizer, load_tokenizer, pack_documents, packed_dataset,
+from m2d_jax.data.text import (DataError, EMBEDDED_CORPUS, EMBEDDED_PREFIX, Tokenizer, check_data_files, load_tokenizer, pack_documents, packed_dataset,
                                read_documents, tokenize_documents, train_bpe_tokenizer)
 
-__all__ = ["DataError", "EMBEDDED_CORPUS", "EMBEDDED_PREFIX", "SPLITS", "Tokenizer", "corpus_documents", "corpus_records", "load_tokenizer",
+__all__ = ["DataError", "EMBEDDED_CORPUS", "EMBEDDED_PREFIX", "SPLITS", "Tokenizer", "check_data_files", "corpus_documents", "corpus_records", "load_tokenizer",
            "pack_documents", "packed_dataset", "read_documents", "tokenize_documents", "train_bpe_tokenizer",
            "write_split"]

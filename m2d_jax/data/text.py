@@ -30,6 +30,28 @@ def _format_of(path: Path) -> str:
     return fmt
 
 
+def check_data_files(files: Sequence[str | Path], field: str = "data files") -> list[str]:
+    """``files`` checked before any work and made absolute: each entry an existing file or ``embedded:<split>``
+    (``train``, ``calibration``, ``heldout``: that split of the embedded corpus, kept as written). ``field`` names
+    the config field in the one-line error."""
+    from m2d_jax.data.corpus import SPLITS
+
+    if not files:
+        raise DataError(f"{field}: no data files given")
+    checked = []
+    for entry in map(str, files):
+        if entry.startswith(EMBEDDED_PREFIX) or entry == "embedded":
+            if entry[len(EMBEDDED_PREFIX):] not in SPLITS:
+                raise DataError(f"{field}: {entry!r}: the embedded corpus is named by its split, expected one of "
+                                f"{', '.join(EMBEDDED_PREFIX + s for s in SPLITS)}")
+            checked.append(entry)
+        elif not Path(entry).is_file():
+            raise DataError(f"{field}: {entry}: data file not found")
+        else:
+            checked.append(str(Path(entry).absolute()))
+    return checked
+
+
 def read_documents(files: Sequence[str | Path], text_field: str = "text") -> list[str]:
     """Documents of local files through ``datasets.load_dataset`` ("text" | "json" | "parquet" by extension).
 
@@ -39,22 +61,14 @@ def read_documents(files: Sequence[str | Path], text_field: str = "text") -> lis
     """
     import datasets
 
-    from m2d_jax.data.corpus import SPLITS, corpus_documents
+    from m2d_jax.data.corpus import corpus_documents
 
-    if not files:
-        raise DataError("no data files given")
     docs: list[str] = []
-    for entry in files:
-        if str(entry).startswith(EMBEDDED_PREFIX) or str(entry) == "embedded":
-            split = str(entry)[len(EMBEDDED_PREFIX):]
-            if split not in SPLITS:
-                raise DataError(f"data file {str(entry)!r}: the embedded corpus is named by its split, expected one "
-                                f"of {', '.join(EMBEDDED_PREFIX + s for s in SPLITS)}")
-            docs.extend(corpus_documents(split))
+    for entry in check_data_files(files):
+        if entry.startswith(EMBEDDED_PREFIX):
+            docs.extend(corpus_documents(entry[len(EMBEDDED_PREFIX):]))
             continue
         f = Path(entry)
-        if not f.is_file():
-            raise DataError(f"{f}: data file not found")
         fmt = _format_of(f)
         try:
             if fmt == "text":

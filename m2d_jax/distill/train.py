@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from m2d_jax.config_utils import load_config
+from m2d_jax.data.text import check_data_files
 from m2d_jax.distill.objectives import OBJECTIVES, Objective, objective_from_config
 from m2d_jax.distill.schedule import wsd_schedule
 from m2d_jax.distill.sharding import (BATCH_AXES, activation_sharding, batch_sharding, check_batch, make_mesh,
@@ -74,7 +75,7 @@ def check_config(config: ConfigDict) -> None:
     need(config.loss.temperature > 0, "loss.temperature", "must be > 0")
     need(config.loss.chunk >= 0, "loss.chunk", "must be >= 0")
     need(config.data.seq_len > 0 and config.data.batch_size > 0, "data.seq_len / data.batch_size", "must be > 0")
-    need(len(config.data.files) > 0, "data.files", "no data files given")
+    check_data_files(config.data.files, "config field data.files")
     need(config.micro_batches >= 1, "micro_batches", "must be >= 1")
     need(config.steps > 0 and config.stop_at_step >= 0, "steps / stop_at_step", "steps > 0, stop_at_step >= 0")
     need(config.checkpoint.every > 0 and config.checkpoint.keep > 0, "checkpoint.every / checkpoint.keep",
