@@ -3,6 +3,16 @@ import os
 # 8 fake CPU devices for sharding tests; must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent XLA compilation cache per test run, shared by the xdist workers and the subprocesses the tests
+# start (they inherit the variable): many tests compile the same tiny programs (each builds its own train step or
+# forward), and a hit skips XLA's compile; measured on tests/test_faults.py, 41% less CPU time from a cold cache.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="m2d_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
