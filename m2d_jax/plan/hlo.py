@@ -14,6 +14,11 @@ whose count is not found counts once and is listed in ``unknown_trip_loops``:
   traffic (operands kept in on-chip memory are counted too). A dynamic slice reads only its slice and a dynamic
   update slice writes its update in place (also as what a fusion does to one of its parameters: the scanned layers
   read their layer of the stacked weights and write their layer of the stacked residuals and gradients).
+
+A Pallas TPU kernel is a ``tpu_custom_call``: the grouped-matmul kernel is counted from its shapes, as above. The
+splash-attention kernels (``m2d_jax.models.splash``) carry no cost estimate in their backend config and are counted
+ANALYTICALLY from their q / k / v operands and block sizes (``splash_costs``), as causal: the tiles of the lower
+triangle that the kernel visits, each computed whole (a sliding window visits fewer: an upper bound there).
 """
 
 from __future__ import annotations
@@ -53,11 +58,24 @@ def _nbytes(type_text: str) -> int:
     return sum(_ITEMSIZE[d] * math.prod(shape) for d, shape in _arrays(type_text))
 
 
+def _logical_lines(text: str) -> list[str]:
+    """The HLO text's lines with every instruction on one line (a kernel's metadata attribute may span several)."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        continued = lines and lines[-1].startswith("  ") and line and not line.startswith("  ") and line != "}" \
+            and not _HEADER.match(line)
+        if continued:
+            lines[-1] += line
+        else:
+            lines.append(line)
+    return lines
+
+
 def _parse(text: str) -> tuple[dict, str | None]:
     """{computation: [(name, type, opcode, operands, attributes)]} (the root instruction last) and the entry
     computation's name."""
     computations, entry, current, root = {}, None, None, None
-    for line in text.splitlines():
+    for line in _logical_lines(text):
         header = _HEADER.match(line)
         if header:
             current, root = header.group(2), None
@@ -171,6 +189,50 @@ def _convolution_flops(out: tuple, lhs: tuple, rhs: tuple, attrs: str) -> float:
     return 2.0 * math.prod(out) / max(out_spatial, 1) * taps * rhs[rhs_labels.index("i")]
 
 
+_SPLASH = re.compile(r"splash_mha_(fwd|dq|dkv)")
+# per score element and head: fwd QK^T, PV; dq QK^T, dO V^T, dS K; dkv QK^T, dO V^T, P^T dO, dS^T Q (x2 mul-add)
+_SPLASH_MATMULS = {"fwd": (1, 1), "dq": (2, 1), "dkv": (2, 2)}  # (times head_dim of q / k, times head_dim of v)
+_SPLASH_BLOCKS = {"fwd": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq"),
+                  "dkv": ("block_q_dkv", "block_kv_dkv")}
+
+
+def causal_blocks(q_len: int, kv_len: int, block_q: int, block_kv: int) -> int:
+    """[block_q, block_kv] tiles of a causal [q_len, kv_len] mask holding a visible element (key <= query)."""
+    nk = kv_len // block_kv
+    return sum(min(nk, ((i + 1) * block_q - 1) // block_kv + 1) for i in range(q_len // block_q))
+
+
+def splash_costs(name: str, operand_types: list[str], output_type: str, attrs: str) -> tuple[float, float] | None:
+    """(matmul FLOPs, HBM bytes) of one splash-attention kernel call (fwd, dq or dkv; per example: q [H, T, D],
+    k [KV, S, D], v [KV, S, Dv] are its first three floating-point operands), or None if ``name`` is not one.
+
+    ANALYTIC, causal: the kernel visits the [bq, bkv] tiles with a visible element (``causal_blocks``, block sizes
+    from its metadata) and computes each whole, 2 x (D or Dv) FLOPs per score element and matmul (fwd 2, dq 3, dkv
+    4). HBM: every operand and output once, plus what the kernel streams again per visited tile and query head —
+    k / v blocks in the forward and dq kernels, q / dO blocks in the dkv kernel (k / v per query head there)."""
+    match = _SPLASH.search(name) or _SPLASH.search(attrs.split("backend_config", 1)[0])
+    if match is None:
+        return None
+    phase = match.group(1)
+    floats = [(t, a) for t in operand_types for a in _arrays(t)[:1] if a[0] in ("bf16", "f16", "f32")]
+    if len(floats) < 3 or any(len(a[1]) != 3 for _, a in floats[:3]):
+        return None
+    (_, (qd, (h, t, d))), (_, (_, (_, s, _))), (_, (vd, (_, _, dv))) = floats[:3]
+    sizes = {key: int(value) for key, value in re.findall(r'\\"(block_\w+)\\": (\d+)', attrs)}
+    bq, bkv = (sizes.get(key, 128) for key in _SPLASH_BLOCKS[phase])
+    bq, bkv = min(bq, t), min(bkv, s)
+    visited = causal_blocks(t, s, bq, bkv)
+    times_d, times_dv = _SPLASH_MATMULS[phase]
+    flops = 2.0 * h * visited * bq * bkv * (times_d * d + times_dv * dv)
+    once = sum(_nbytes(t_) for t_ in operand_types) + _nbytes(output_type)
+    q_isz, v_isz = _ITEMSIZE[qd], _ITEMSIZE[vd]
+    if phase == "dkv":
+        streamed = h * visited * bq * (d * q_isz + dv * v_isz) + h * s * (d * q_isz + dv * v_isz)
+    else:
+        streamed = h * visited * bkv * (d * q_isz + dv * v_isz)
+    return flops, float(once + streamed)
+
+
 def _trip_count(attrs: str, condition: list, computations: dict) -> int | None:
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
     if known:
@@ -233,7 +295,13 @@ def program_costs(text: str) -> dict:
             return memo[key]
         total = {"matmul_flops": 0.0, "hbm_bytes": 0.0, "collective_bytes": {}}
         for instr, type_text, opcode, operands, attrs in computations.get(name, []):
-            if opcode in ("dot", "convolution", "ragged-dot") or (opcode == "custom-call" and instr.startswith(
+            splash = (splash_costs(instr, [types.get(n, "") for n in _operand_names(operands)], type_text, attrs)
+                      if opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in attrs else None)
+            if splash is not None:
+                total["matmul_flops"] += splash[0]
+                if top_level:
+                    total["hbm_bytes"] += splash[1]
+            elif opcode in ("dot", "convolution", "ragged-dot") or (opcode == "custom-call" and instr.startswith(
                     "ragged-dot") and "metadata" not in instr):
                 total["matmul_flops"] += matmul(opcode, type_text, operands, attrs)
             if opcode in _COLLECTIVES:
@@ -243,7 +311,7 @@ def program_costs(text: str) -> dict:
                 nbytes = nbytes // 2 if opcode.endswith("-start") else nbytes  # (input, output) tuples
                 total["collective_bytes"][kind] = total["collective_bytes"].get(kind, 0) + (
                     2 * nbytes if kind == "all_reduce" else nbytes)
-            if top_level and opcode not in _FREE:
+            if top_level and opcode not in _FREE and splash is None:
                 total["hbm_bytes"] += _hbm_bytes(opcode, type_text, operands, attrs, types, computations)
             if opcode == "while":
                 body = re.search(r"body=%([^\s,]+)", attrs).group(1)
