@@ -120,29 +120,45 @@ args = [jax.ShapeDtypeStruct(s, t, sharding=sh) for s, t in (((E, C, d), jnp.bfl
         ((E * C, d), jnp.bfloat16), ((E,), jnp.int32))]
 text = jax.jit(f).lower(*args).compile().as_text()
 out.append({"counted": program_costs(text)["matmul_flops"], "expected": 2 * 2 * E * C * d * m})
+from m2d_jax.models.splash import splash_attention
+B, T, H, KV, D = 2, 1024, 4, 2, 128
+qkv = [jax.ShapeDtypeStruct((B, T, n, D), jnp.bfloat16, sharding=sh) for n in (H, KV, KV)]
+key_mask = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sh)
+attend = lambda m: lambda q, k, v: jnp.sum(splash_attention(q, k, v, m, 0, 1.0).astype(jnp.float32))
+text = jax.jit(lambda q, k, v, m: jax.grad(attend(m), argnums=(0, 1, 2))(q, k, v)).lower(*qkv, key_mask).compile(
+    ).as_text()
+out.append({"counted": program_costs(text)["matmul_flops"], "kernels": text.count('custom_call_target="tpu_custom_call"')})
 """
 
 
 @pytest.mark.slow
 def test_plan_compiles_for_a_tpu_topology_and_reports_fits_and_does_not_fit(tmp_path):
-    """A TPU AOT compile of the tiny teacher's distillation on v4-8 (4 chips, compile-only devices from libtpu), its
-    --json schema, and the same plan on a mesh whose chips have 1 MiB of HBM: DOES NOT FIT."""
+    """A TPU AOT compile of the tiny teacher's distillation on v4-8 (4 chips, compile-only devices from libtpu) with
+    the fused splash attention, its --json schema, and the same plan on a mesh whose chips have 1 MiB of HBM: DOES
+    NOT FIT; the HLO walk's counts of the TPU kernels (grouped matmul, splash attention)."""
     tiny = dict(load_mesh_config("v4-8").__dict__, name="v4-8-tiny-hbm", hbm_bytes_per_chip=2 ** 20)
     mesh_file = tmp_path / "tiny_hbm.py"
     mesh_file.write_text("from ml_collections import ConfigDict\n\n\ndef get_config():\n"
                          f"    return ConfigDict({tiny!r})\n")
     common = ["plan", "--model", "qwen3_moe_tiny", "--groups", "2", "--stage", "distill", "--batch", "8", "--seq",
-              "64", "--micro-batches", "2", "--teacher-top-k", "4", "--json"]
+              "128", "--micro-batches", "2", "--teacher-top-k", "4", "--json"]
     script = ("import contextlib, io, json, sys\nfrom m2d_jax.cli import main\nout = []\n"
               f"for argv in {[common + ['--mesh', 'v4-8'], common + ['--mesh', str(mesh_file), '--no-suggest']]!r}:\n"
               "    buf = io.StringIO()\n    with contextlib.redirect_stdout(buf):\n        assert main(argv) == 0\n"
               "    out.append(json.loads(buf.getvalue()))\n" + TPU_MATMULS + "print(json.dumps(out))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=libtpu_env(),
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                          env=dict(libtpu_env(), M2D_PLAN_HLO_DIR=str(tmp_path / "hlo")))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    fits, tight, matmuls = json.loads(proc.stdout.strip().splitlines()[-1])
+    fits, tight, matmuls, splash = json.loads(proc.stdout.strip().splitlines()[-1])
     # TPU writes a batched matmul as a dilated convolution and ragged_dot as a grouped-matmul kernel: both counted
     assert matmuls["counted"] == matmuls["expected"] == 2 * 2 * 8 * 128 * 256 * 512
+    # splash attention's forward, dq and dkv kernels: causal over 2 x 2 tiles of 512, the kernel computes 3 of them
+    # whole; per score element and head 2 x D FLOPs per matmul: fwd QK^T, PV; dq QK^T, dO V^T, dS K; dkv 4 of them
+    assert splash["kernels"] == 3 and splash["counted"] == 2 * 4 * 3 * 512 * 512 * 2 * 128 * (2 + 3 + 4)
+    # on a TPU target "auto" attention is the fused kernel for both models: no [T, S] scores in the compiled step
+    assert fits["config"]["attention"] == {"student": "splash", "teacher": "splash"}
+    hlo = next((tmp_path / "hlo").glob("v4-8_*.hlo.txt")).read_text()
+    assert "splash_mha_fwd" in hlo and "splash_mha_dkv" in hlo and "splash_mha_dq" in hlo
     assert fits["platform"] == "tpu" and fits["chips"] == 4 and fits["axes"]["fsdp"] == 4
     p = fits["per_chip"]
     assert p["source"].startswith("compiler")

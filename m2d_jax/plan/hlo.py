@@ -203,8 +203,9 @@ def causal_blocks(q_len: int, kv_len: int, block_q: int, block_kv: int) -> int:
 
 
 def splash_costs(name: str, operand_types: list[str], output_type: str, attrs: str) -> tuple[float, float] | None:
-    """(matmul FLOPs, HBM bytes) of one splash-attention kernel call (fwd, dq or dkv; per example: q [H, T, D],
-    k [KV, S, D], v [KV, S, Dv] are its first three floating-point operands), or None if ``name`` is not one.
+    """(matmul FLOPs, HBM bytes) of one splash-attention kernel call (fwd, dq or dkv; q [..., H, T, D],
+    k [..., KV, S, D], v [..., KV, S, Dv] are its first three floating-point operands, the leading dimensions the
+    examples of a vmapped call), or None if ``name`` is not one.
 
     ANALYTIC, causal: the kernel visits the [bq, bkv] tiles with a visible element (``causal_blocks``, block sizes
     from its metadata) and computes each whole, 2 x (D or Dv) FLOPs per score element and matmul (fwd 2, dq 3, dkv
@@ -214,17 +215,21 @@ def splash_costs(name: str, operand_types: list[str], output_type: str, attrs: s
     if match is None:
         return None
     phase = match.group(1)
-    floats = [(t, a) for t in operand_types for a in _arrays(t)[:1] if a[0] in ("bf16", "f16", "f32")]
-    if len(floats) < 3 or any(len(a[1]) != 3 for _, a in floats[:3]):
+    floats = [a for t in operand_types for a in _arrays(t)[:1] if a[0] in ("bf16", "f16", "f32")]
+    if len(floats) < 3 or any(len(shape) < 3 for _, shape in floats[:3]):
         return None
-    (_, (qd, (h, t, d))), (_, (_, (_, s, _))), (_, (vd, (_, _, dv))) = floats[:3]
+    (qd, q_shape), (_, k_shape), (vd, v_shape) = floats[:3]
+    examples = math.prod(q_shape[:-3])  # a batched (vmapped) kernel call: leading example dimensions
+    h, t, d = q_shape[-3:]
+    s, dv = k_shape[-2], v_shape[-1]
     sizes = {key: int(value) for key, value in re.findall(r'\\"(block_\w+)\\": (\d+)', attrs)}
     bq, bkv = (sizes.get(key, 128) for key in _SPLASH_BLOCKS[phase])
     bq, bkv = min(bq, t), min(bkv, s)
     visited = causal_blocks(t, s, bq, bkv)
     times_d, times_dv = _SPLASH_MATMULS[phase]
-    flops = 2.0 * h * visited * bq * bkv * (times_d * d + times_dv * dv)
+    flops = 2.0 * examples * h * visited * bq * bkv * (times_d * d + times_dv * dv)
     once = sum(_nbytes(t_) for t_ in operand_types) + _nbytes(output_type)
+    h *= examples
     q_isz, v_isz = _ITEMSIZE[qd], _ITEMSIZE[vd]
     if phase == "dkv":
         streamed = h * visited * bq * (d * q_isz + dv * v_isz) + h * s * (d * q_isz + dv * v_isz)
