@@ -311,3 +311,44 @@ def test_hbm_bytes_count_a_dynamic_slice_and_an_in_place_update_by_the_slice():
     update_fusion = layer + index + layer  # read the update and the index, write it in place
     plain_update = 3 * index + 2 * layer  # the same without a fusion
     assert program_costs(SLICED_LAYERS_HLO)["hbm_bytes"] == slice_fusion + update_fusion + plain_update
+
+
+# a while loop unrolled by 2 (two matmuls per body, the counter + 2 per body), as XLA writes windowed einsums on TPU
+UNROLLED_LOOP_HLO = """HloModule unrolled
+
+%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,8] get-tuple-element(%p), index=1
+  %d0 = f32[8,8] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %d1 = f32[8,8] dot(%d0, %d0), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = s32[] constant(2)
+  %next = s32[] add(%i, %two)
+  ROOT %t = (s32[], f32[8,8]) tuple(%next, %d1)
+}
+
+%cond (q: (s32[], f32[8,8])) -> pred[] {
+  %q = (s32[], f32[8,8]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(16)
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main (a: f32[8,8]) -> f32[8,8] {
+  %a = f32[8,8] parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,8]) tuple(%zero, %a)
+  %w = (s32[], f32[8,8]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[8,8] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_trip_count_follows_the_counter_step_of_an_unrolled_loop():
+    """counter < 16 stepping by 2: 8 trips of two [8, 8] matmuls (counting 16 would double the windowed einsums'
+    FLOPs on a large TPU slice)."""
+    from m2d_jax.plan.hlo import program_costs
+
+    costs = program_costs(UNROLLED_LOOP_HLO)
+    assert [loop["trip_count"] for loop in costs["loops"]] == [8]
+    assert costs["matmul_flops"] == 8 * 2 * 2 * 8 * 8 * 8

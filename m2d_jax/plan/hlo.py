@@ -3,7 +3,8 @@
 XLA's ``cost_analysis`` counts a ``while`` body once; the scanned decoder (layers), gradient accumulation
 (micro-batches) and the chunked loss are all ``while`` loops, so it under-counts by their trip counts. Here every
 computation's cost is summed over what it calls — a fusion once, a ``while`` body ``trip`` times, where ``trip`` is
-XLA's ``known_trip_count`` or else read from the loop condition (``counter < N``, the counter starting at 0); a loop
+XLA's ``known_trip_count`` or else read from the loop condition (``counter < N``, the counter starting at 0 and
+stepping by what the body adds to it: XLA unrolls its windowed-einsum loops on TPU, + 2 per body); a loop
 whose count is not found counts once and is listed in ``unknown_trip_loops``:
 
 - ``matmul_flops``: 2 x output elements x contracted size of every ``dot`` / ``convolution`` / ``ragged-dot`` and
@@ -238,7 +239,27 @@ def splash_costs(name: str, operand_types: list[str], output_type: str, attrs: s
     return flops, float(once + streamed)
 
 
-def _trip_count(attrs: str, condition: list, computations: dict) -> int | None:
+def _counter_step(counter: str, condition: list, body: list) -> int:
+    """What the loop body adds to the counter that the condition compares: 1, unless the body's root tuple sets that
+    element to itself + a constant (XLA's windowed-einsum loops on TPU are unrolled: + 2 per body)."""
+    index = next((re.search(r"index=(\d+)", a) for n, _, op, _, a in condition
+                  if n == counter and op == "get-tuple-element"), None)
+    if index is None or not body or body[-1][2] != "tuple":
+        return 1
+    elements = _operand_names(body[-1][3])
+    i = int(index.group(1))
+    by_name = {n: (op, ops, a) for n, _, op, ops, a in body}
+    op, ops, _ = by_name.get(elements[i], (None, "", "")) if i < len(elements) else (None, "", "")
+    if op != "add":
+        return 1
+    steps = [int(by_name[o][1]) for o in _operand_names(ops) if by_name.get(o, ("",))[0] == "constant"
+             and re.fullmatch(r"\d+", by_name[o][1].strip())]
+    counters = [o for o in _operand_names(ops) if by_name.get(o, ("",))[0] == "get-tuple-element"
+                and f"index={i}" in by_name[o][2]]
+    return steps[0] if len(steps) == 1 and counters and steps[0] > 0 else 1
+
+
+def _trip_count(attrs: str, condition: list, computations: dict, body: list = ()) -> int | None:
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
     if known:
         return int(known.group(1))
@@ -254,10 +275,12 @@ def _trip_count(attrs: str, condition: list, computations: dict) -> int | None:
 
     for _, _, op, operands, attrs in condition:
         if less_than(op, attrs):
-            for operand in operands.split(","):
-                value = constants.get(operand.strip().lstrip("%"))
+            names = _operand_names(operands)
+            for operand in names:
+                value = constants.get(operand)
                 if value is not None:
-                    return value
+                    counter = next((n for n in names if n != operand), "")
+                    return -(-value // _counter_step(counter, condition, list(body)))
     return None
 
 
@@ -321,7 +344,7 @@ def program_costs(text: str) -> dict:
             if opcode == "while":
                 body = re.search(r"body=%([^\s,]+)", attrs).group(1)
                 condition = re.search(r"condition=%([^\s,]+)", attrs).group(1)
-                trip = _trip_count(attrs, computations.get(condition, []), computations)
+                trip = _trip_count(attrs, computations.get(condition, []), computations, computations.get(body, []))
                 loops.append({"body": body, "trip_count": trip})
                 if trip is None:
                     unknown.append(body)
