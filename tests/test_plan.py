@@ -289,28 +289,38 @@ SLICED_LAYERS_HLO = """HloModule sliced
   ROOT %dus = f32[48,64,32]{2,1,0} dynamic-update-slice(%q0, %neg, %q2, %z, %z)
 }
 
-ENTRY %main (w: f32[48,64,32], g: f32[48,64,32], i: s32[]) -> (f32[1,64,32], f32[48,64,32], f32[48,64,32]) {
+%fused_outer (r0: f32[48,64,32], r1: s32[]) -> f32[1,64,32] {
+  %r0 = f32[48,64,32]{2,1,0} parameter(0)
+  %r1 = s32[] parameter(1)
+  %inner = f32[1,64,32]{2,1,0} fusion(%r0, %r1), kind=kLoop, calls=%fused_slice
+  ROOT %twice = f32[1,64,32]{2,1,0} add(%inner, %inner)
+}
+
+ENTRY %main (w: f32[48,64,32], g: f32[48,64,32], i: s32[]) -> (f32[1,64,32], f32[48,64,32], f32[48,64,32], f32[1,64,32]) {
   %w = f32[48,64,32]{2,1,0} parameter(0)
   %g = f32[48,64,32]{2,1,0} parameter(1)
   %i = s32[] parameter(2)
   %slice = f32[1,64,32]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_slice
   %upd = f32[48,64,32]{2,1,0} fusion(%g, %slice, %i), kind=kLoop, calls=%fused_update
   %plain = f32[48,64,32]{2,1,0} dynamic-update-slice(%w, %slice, %i, %i, %i)
-  ROOT %out = (f32[1,64,32]{2,1,0}, f32[48,64,32]{2,1,0}, f32[48,64,32]{2,1,0}) tuple(%slice, %upd, %plain)
+  %nested = f32[1,64,32]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_outer
+  ROOT %out = (f32[1,64,32]{2,1,0}, f32[48,64,32]{2,1,0}, f32[48,64,32]{2,1,0}, f32[1,64,32]{2,1,0}) tuple(%slice, %upd, %plain, %nested)
 }
 """
 
 
 def test_hbm_bytes_count_a_dynamic_slice_and_an_in_place_update_by_the_slice():
     """A scanned layer reads its layer of the stacked weights and writes its layer of the stacked outputs: the
-    traffic is the [1, 64, 32] slice, not the [48, 64, 32] stack (hand-counted on a hand-written module)."""
+    traffic is the [1, 64, 32] slice, not the [48, 64, 32] stack, also when a nested fusion takes the slice
+    (hand-counted on a hand-written module)."""
     from m2d_jax.plan.hlo import program_costs
 
     layer, index = 64 * 32 * 4, 4
     slice_fusion = layer + index + layer  # read the slice and the index, write the slice
     update_fusion = layer + index + layer  # read the update and the index, write it in place
     plain_update = 3 * index + 2 * layer  # the same without a fusion
-    assert program_costs(SLICED_LAYERS_HLO)["hbm_bytes"] == slice_fusion + update_fusion + plain_update
+    nested_slice = layer + index + layer  # the slice taken in a fusion nested in the fusion: the same as direct
+    assert program_costs(SLICED_LAYERS_HLO)["hbm_bytes"] == slice_fusion + update_fusion + plain_update + nested_slice
 
 
 # a while loop unrolled by 2 (two matmuls per body, the counter + 2 per body), as XLA writes windowed einsums on TPU

@@ -14,7 +14,8 @@ whose count is not found counts once and is listed in ``unknown_trip_loops``:
 - ``hbm_bytes``: operands read plus outputs written by every top-level (unfused) instruction — an ESTIMATE of HBM
   traffic (operands kept in on-chip memory are counted too). A dynamic slice reads only its slice and a dynamic
   update slice writes its update in place (also as what a fusion does to one of its parameters: the scanned layers
-  read their layer of the stacked weights and write their layer of the stacked residuals and gradients).
+  read their layer of the stacked weights and write their layer of the stacked residuals and gradients; a slice in a
+  fusion nested in the fusion counts the same).
 
 A Pallas TPU kernel is a ``tpu_custom_call``: the grouped-matmul kernel is counted from its shapes, as above. The
 splash-attention kernels (``m2d_jax.models.splash``) carry no cost estimate in their backend config and are counted
@@ -147,11 +148,31 @@ def _hbm_bytes(opcode: str, type_text: str, operands: str, attrs: str, types: di
     for name, index in params.items():
         if name in in_place:
             continue
-        if uses[name] and all(op == "dynamic-slice" and position == 0 for op, position, _ in uses[name]):
-            read += sum(_nbytes(t) for _, _, t in uses[name])
-        else:
-            read += operand_bytes[index] if index < len(operand_bytes) else 0
+        sliced = _sliced_read(body, name, computations)
+        read += sliced if sliced is not None else operand_bytes[index] if index < len(operand_bytes) else 0
     return written + read
+
+
+def _sliced_read(body: list, param: str, computations: dict, depth: int = 0) -> int | None:
+    """Bytes a fusion ``body`` reads of its parameter ``param`` when every use dynamic-slices it — directly, or as
+    a parameter of a nested fusion that does — else None (read whole)."""
+    uses = [(op, position, t, attrs) for _, t, op, ops, attrs in body
+            for position, operand in enumerate(_operand_names(ops)) if operand == param]
+    if not uses:
+        return None
+    total = 0
+    for op, position, t, attrs in uses:
+        if op == "dynamic-slice" and position == 0:
+            total += _nbytes(t)
+            continue
+        callee = re.search(r"calls=%([^\s,]+)", attrs) if op == "fusion" and depth < 4 else None
+        inner = computations.get(callee.group(1), []) if callee else []
+        inner_param = next((n for n, _, o, ops, _ in inner if o == "parameter" and ops.strip() == str(position)), None)
+        part = _sliced_read(inner, inner_param, computations, depth + 1) if inner_param else None
+        if part is None:
+            return None
+        total += part
+    return total
 
 
 def _taps(out_size: int, in_size: int, window: int, stride: int, pad_low: int, lhs_dilate: int,
