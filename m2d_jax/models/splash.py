@@ -4,8 +4,8 @@ scores are never written to HBM.
 
 Chosen by ``RuntimeConfig.attention`` (``attention_kernel``): "splash" for grouped-query attention without learned
 sinks over a sequence the kernel tiles (a multiple of ``SEQ_TILE``); "auto" picks it on TPU when supported. MLA
-(DeepSeek: its value head dim differs from the query's and its logit scale carries YaRN's mscale) and learned sinks
-(GPT-OSS) stay on the XLA path. Causal, key padding (as segment ids) and sliding windows: the window is a traced
+(DeepSeek: its own module, ``models.mla.MLAttention``, not routed here) and learned sinks (GPT-OSS: the kernel's own
+``sinks`` input is not wired or tested here) stay on the XLA path. Causal, key padding (as segment ids) and sliding windows: the window is a traced
 per-layer int inside the layer scan, so one kernel is built per distinct static window of the model and
 ``lax.switch`` picks the layer's. Only the prefill / training shape is fused (queries = keys); decoding with a KV
 cache stays on the XLA path.
@@ -33,19 +33,13 @@ class SplashMask(NamedTuple):
     windows: tuple[int, ...]
 
 
-def model_windows(config: ModelConfig) -> tuple[int, ...]:
-    """The distinct per-layer windows of ``config`` (0 = full attention), sorted."""
-    a = config.attention
-    return tuple(sorted({a.sliding_window if lt == "sliding_attention" else 0 for lt in a.layer_types}))
-
-
 def unsupported_reason(config: ModelConfig, seq_len: int | None = None) -> str | None:
     """Why the splash kernel cannot run ``config``'s attention (over ``seq_len`` tokens), or None if it can."""
     a = config.attention
     if a.kind == "mla":
-        return "MLA attention (DeepSeek) is not supported by the splash kernel"
+        return "MLA attention (DeepSeek) is not routed to the splash kernel"
     if a.sinks:
-        return "learned attention sinks (GPT-OSS) are not supported by the splash kernel"
+        return "learned attention sinks (GPT-OSS) are not routed to the splash kernel"
     if seq_len is not None and seq_len % SEQ_TILE:
         return f"sequence length {seq_len} is not a multiple of the kernel's {SEQ_TILE}-token block"
     return None
