@@ -5,10 +5,10 @@ scores are never written to HBM.
 Chosen by ``RuntimeConfig.attention`` (``attention_kernel``): "splash" for grouped-query attention without learned
 sinks over a sequence the kernel tiles (a multiple of ``SEQ_TILE``); "auto" picks it on TPU when supported. MLA
 (DeepSeek: its own module, ``models.mla.MLAttention``, not routed here) and learned sinks (GPT-OSS: the kernel's own
-``sinks`` input is not wired or tested here) stay on the XLA path. Causal, key padding (as segment ids) and sliding windows: the window is a traced
-per-layer int inside the layer scan, so one kernel is built per distinct static window of the model and
-``lax.switch`` picks the layer's. Only the prefill / training shape is fused (queries = keys); decoding with a KV
-cache stays on the XLA path.
+``sinks`` input is not wired or tested here) stay on the XLA path. Causal, key padding (as segment ids) and sliding
+windows: the window is a traced per-layer int inside the layer scan, so one kernel is built per distinct static
+window of the stack and ``lax.switch`` picks the layer's. Only the prefill / training shape is fused (queries =
+keys); decoding with a KV cache stays on the XLA path.
 """
 
 from __future__ import annotations
