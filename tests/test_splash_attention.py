@@ -14,7 +14,8 @@ import pytest
 from m2d_jax.models import RuntimeConfig
 from m2d_jax.models.layers import dot_product_attention, make_attention_mask
 from m2d_jax.models.splash import attention_kernel, splash_attention
-from m2d_jax.plan import load_model
+from m2d_jax.errors import M2DError
+from m2d_jax.plan import PlanOptions, load_model, plan_once
 
 
 def test_splash_attention_equals_dot_product_attention_forward_and_gradients():
@@ -67,7 +68,7 @@ def test_splash_attention_equals_dot_product_attention_forward_and_gradients():
 
 def test_attention_kernel_picks_splash_on_tpu_only_where_supported():
     """"auto": splash for a GQA model on TPU, xla on the CPU (tests, demo) and for MLA / sinks / untiled sequences;
-    an explicit "splash" that cannot run is a one-line error naming the field and why."""
+    an explicit "splash" that cannot run is a one-line error naming the field (or the plan flag) and why."""
     qwen, _ = load_model("qwen3_30b_a3b")
     deepseek, _ = load_model("deepseek_v2_lite")
     gpt_oss, _ = load_model("gpt_oss_20b")
@@ -85,3 +86,6 @@ def test_attention_kernel_picks_splash_on_tpu_only_where_supported():
         attention_kernel(qwen, splash, 100)
     with pytest.raises(ValueError, match="attention='flash' not in"):
         dataclasses.replace(auto, attention="flash")
+    # the calibrate / eval steps have no activation layout to place the kernel on a mesh: refused before any build
+    with pytest.raises(M2DError, match="--attention splash: the eval step is not traced under an activation layout"):
+        plan_once("qwen3_moe_tiny", "eval", "gpu-1x8-h100", PlanOptions(attention="splash", groups=2))

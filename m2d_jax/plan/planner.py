@@ -181,6 +181,9 @@ def _build(model: str, stage: str, spec: MeshSpec, options: PlanOptions, mesh):
         seq = options.seq or 2048
         target = teacher if stage == "calibrate" or student is None else student
         # these steps run without an activation layout: "auto" stays on xla (m2d_jax.models.splash.attention_kernel)
+        if options.attention == "splash":
+            raise M2DError(f"--attention splash: the {stage} step is not traced under an activation layout, so the "
+                           "kernel cannot be placed on a mesh (distill only); use auto or xla")
         runtime = programs.target_runtime(target, load_runtime(options.dtype, moe_dispatch=_dispatch(
             options.dispatch, spec), attention=options.attention), seq, None)
         if stage == "calibrate":
