@@ -98,7 +98,7 @@ def _cmd_plan(args) -> int:
     axes = {a: getattr(args, a) for a in ("data", "fsdp", "tensor", "expert") if getattr(args, a) is not None}
     options = PlanOptions(batch=args.batch, seq=args.seq, micro_batches=args.micro_batches, remat=args.remat,
                           teacher_top_k=args.teacher_top_k, objective=args.objective, dispatch=args.dispatch,
-                          dtype=args.dtype,
+                          dtype=args.dtype, attention=args.attention,
                           groups=args.groups, eval_model=args.eval_model, distill_config=args.config, axes=axes)
     result = plan(args.model, args.stage, args.mesh, options, suggest=not args.no_suggest,
                   analytic=args.analytic)
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_prune_dense)
-    from m2d_jax.models.config import DISPATCHES
+    from m2d_jax.models.config import ATTENTION_KERNELS, DISPATCHES
     from m2d_jax.plan import DEFAULT_DISTILL_CONFIG, STAGES
 
     p = sub.add_parser("plan", help="compile a stage ahead of time for a mesh config: memory per chip, FITS / DOES "
@@ -412,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=("kl", "lm"), help="distill: lm = train --model itself (no teacher)")
     p.add_argument("--dispatch", choices=DISPATCHES, help="MoE dispatch of the teacher")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="calibrate / eval: parameter dtype")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_KERNELS,
+                   help="attention kernel (auto: the fused splash kernel on TPU where supported)")
     p.add_argument("--groups", type=int, help="k of the student (default: the model config's)")
     p.add_argument("--eval-model", default="student", choices=("student", "teacher"), help="eval: which model")
     p.add_argument("--config", default=DEFAULT_DISTILL_CONFIG, help="distill: the distillation config")

@@ -120,29 +120,46 @@ args = [jax.ShapeDtypeStruct(s, t, sharding=sh) for s, t in (((E, C, d), jnp.bfl
         ((E * C, d), jnp.bfloat16), ((E,), jnp.int32))]
 text = jax.jit(f).lower(*args).compile().as_text()
 out.append({"counted": program_costs(text)["matmul_flops"], "expected": 2 * 2 * E * C * d * m})
+from m2d_jax.models.splash import splash_attention
+B, T, H, KV, D = 2, 1024, 4, 2, 128
+qkv = [jax.ShapeDtypeStruct((B, T, n, D), jnp.bfloat16, sharding=sh) for n in (H, KV, KV)]
+key_mask = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sh)
+attend = lambda m: lambda q, k, v: jnp.sum(splash_attention(q, k, v, m, 0, 1.0).astype(jnp.float32))
+text = jax.jit(lambda q, k, v, m: jax.grad(attend(m), argnums=(0, 1, 2))(q, k, v)).lower(*qkv, key_mask).compile(
+    ).as_text()
+kernels = text.count('custom_call_target="tpu_custom_call"')
+out.append({"counted": program_costs(text)["matmul_flops"], "kernels": kernels})
 """
 
 
 @pytest.mark.slow
 def test_plan_compiles_for_a_tpu_topology_and_reports_fits_and_does_not_fit(tmp_path):
-    """A TPU AOT compile of the tiny teacher's distillation on v4-8 (4 chips, compile-only devices from libtpu), its
-    --json schema, and the same plan on a mesh whose chips have 1 MiB of HBM: DOES NOT FIT."""
+    """A TPU AOT compile of the tiny teacher's distillation on v4-8 (4 chips, compile-only devices from libtpu) with
+    the fused splash attention, its --json schema, and the same plan on a mesh whose chips have 1 MiB of HBM: DOES
+    NOT FIT; the HLO walk's counts of the TPU kernels (grouped matmul, splash attention)."""
     tiny = dict(load_mesh_config("v4-8").__dict__, name="v4-8-tiny-hbm", hbm_bytes_per_chip=2 ** 20)
     mesh_file = tmp_path / "tiny_hbm.py"
     mesh_file.write_text("from ml_collections import ConfigDict\n\n\ndef get_config():\n"
                          f"    return ConfigDict({tiny!r})\n")
     common = ["plan", "--model", "qwen3_moe_tiny", "--groups", "2", "--stage", "distill", "--batch", "8", "--seq",
-              "64", "--micro-batches", "2", "--teacher-top-k", "4", "--json"]
+              "128", "--micro-batches", "2", "--teacher-top-k", "4", "--json"]
     script = ("import contextlib, io, json, sys\nfrom m2d_jax.cli import main\nout = []\n"
               f"for argv in {[common + ['--mesh', 'v4-8'], common + ['--mesh', str(mesh_file), '--no-suggest']]!r}:\n"
               "    buf = io.StringIO()\n    with contextlib.redirect_stdout(buf):\n        assert main(argv) == 0\n"
               "    out.append(json.loads(buf.getvalue()))\n" + TPU_MATMULS + "print(json.dumps(out))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=libtpu_env(),
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                          env=dict(libtpu_env(), M2D_PLAN_HLO_DIR=str(tmp_path / "hlo")))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    fits, tight, matmuls = json.loads(proc.stdout.strip().splitlines()[-1])
+    fits, tight, matmuls, splash = json.loads(proc.stdout.strip().splitlines()[-1])
     # TPU writes a batched matmul as a dilated convolution and ragged_dot as a grouped-matmul kernel: both counted
     assert matmuls["counted"] == matmuls["expected"] == 2 * 2 * 8 * 128 * 256 * 512
+    # splash attention's forward, dq and dkv kernels: causal over 2 x 2 tiles of 512, the kernel computes 3 of them
+    # whole; per score element and head 2 x D FLOPs per matmul: fwd QK^T, PV; dq QK^T, dO V^T, dS K; dkv 4 of them
+    assert splash["kernels"] == 3 and splash["counted"] == 2 * 4 * 3 * 512 * 512 * 2 * 128 * (2 + 3 + 4)
+    # on a TPU target "auto" attention is the fused kernel for both models: no [T, S] scores in the compiled step
+    assert fits["config"]["attention"] == {"student": "splash", "teacher": "splash"}
+    hlo = next((tmp_path / "hlo").glob("v4-8_*.hlo.txt")).read_text()
+    assert "splash_mha_fwd" in hlo and "splash_mha_dkv" in hlo and "splash_mha_dq" in hlo
     assert fits["platform"] == "tpu" and fits["chips"] == 4 and fits["axes"]["fsdp"] == 4
     p = fits["per_chip"]
     assert p["source"].startswith("compiler")
@@ -273,6 +290,13 @@ SLICED_LAYERS_HLO = """HloModule sliced
   ROOT %dus = f32[48,64,32]{2,1,0} dynamic-update-slice(%q0, %neg, %q2, %z, %z)
 }
 
+%fused_outer (r0: f32[48,64,32], r1: s32[]) -> f32[1,64,32] {
+  %r0 = f32[48,64,32]{2,1,0} parameter(0)
+  %r1 = s32[] parameter(1)
+  %inner = f32[1,64,32]{2,1,0} fusion(%r0, %r1), kind=kLoop, calls=%fused_slice
+  ROOT %twice = f32[1,64,32]{2,1,0} add(%inner, %inner)
+}
+
 ENTRY %main (w: f32[48,64,32], g: f32[48,64,32], i: s32[]) -> (f32[1,64,32], f32[48,64,32], f32[48,64,32]) {
   %w = f32[48,64,32]{2,1,0} parameter(0)
   %g = f32[48,64,32]{2,1,0} parameter(1)
@@ -280,6 +304,7 @@ ENTRY %main (w: f32[48,64,32], g: f32[48,64,32], i: s32[]) -> (f32[1,64,32], f32
   %slice = f32[1,64,32]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_slice
   %upd = f32[48,64,32]{2,1,0} fusion(%g, %slice, %i), kind=kLoop, calls=%fused_update
   %plain = f32[48,64,32]{2,1,0} dynamic-update-slice(%w, %slice, %i, %i, %i)
+  %nested = f32[1,64,32]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_outer
   ROOT %out = (f32[1,64,32]{2,1,0}, f32[48,64,32]{2,1,0}, f32[48,64,32]{2,1,0}) tuple(%slice, %upd, %plain)
 }
 """
@@ -287,11 +312,54 @@ ENTRY %main (w: f32[48,64,32], g: f32[48,64,32], i: s32[]) -> (f32[1,64,32], f32
 
 def test_hbm_bytes_count_a_dynamic_slice_and_an_in_place_update_by_the_slice():
     """A scanned layer reads its layer of the stacked weights and writes its layer of the stacked outputs: the
-    traffic is the [1, 64, 32] slice, not the [48, 64, 32] stack (hand-counted on a hand-written module)."""
+    traffic is the [1, 64, 32] slice, not the [48, 64, 32] stack, also when a nested fusion takes the slice
+    (hand-counted on a hand-written module)."""
     from m2d_jax.plan.hlo import program_costs
 
     layer, index = 64 * 32 * 4, 4
     slice_fusion = layer + index + layer  # read the slice and the index, write the slice
     update_fusion = layer + index + layer  # read the update and the index, write it in place
     plain_update = 3 * index + 2 * layer  # the same without a fusion
-    assert program_costs(SLICED_LAYERS_HLO)["hbm_bytes"] == slice_fusion + update_fusion + plain_update
+    nested_slice = layer + index + layer  # the slice taken in a fusion nested in the fusion: the same as direct
+    assert program_costs(SLICED_LAYERS_HLO)["hbm_bytes"] == slice_fusion + update_fusion + plain_update + nested_slice
+
+
+# a while loop unrolled by 2 (two matmuls per body, the counter + 2 per body), as XLA writes windowed einsums on TPU
+UNROLLED_LOOP_HLO = """HloModule unrolled
+
+%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,8] get-tuple-element(%p), index=1
+  %d0 = f32[8,8] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %d1 = f32[8,8] dot(%d0, %d0), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = s32[] constant(2)
+  %next = s32[] add(%i, %two)
+  ROOT %t = (s32[], f32[8,8]) tuple(%next, %d1)
+}
+
+%cond (q: (s32[], f32[8,8])) -> pred[] {
+  %q = (s32[], f32[8,8]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(16)
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main (a: f32[8,8]) -> f32[8,8] {
+  %a = f32[8,8] parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,8]) tuple(%zero, %a)
+  %w = (s32[], f32[8,8]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[8,8] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_trip_count_follows_the_counter_step_of_an_unrolled_loop():
+    """counter < 16 stepping by 2: 8 trips of two [8, 8] matmuls (counting 16 would double the windowed einsums'
+    FLOPs on a large TPU slice)."""
+    from m2d_jax.plan.hlo import program_costs
+
+    costs = program_costs(UNROLLED_LOOP_HLO)
+    assert [loop["trip_count"] for loop in costs["loops"]] == [8]
+    assert costs["matmul_flops"] == 8 * 2 * 2 * 8 * 8 * 8

@@ -32,6 +32,7 @@ ATTENTIONS = ("gqa", "mla")  # grouped-query attention; DeepSeek multi-head late
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 ACTIVATIONS = ("silu", "clamped_swiglu")
 DISPATCHES = ("auto", "capacity", "blocks", "ragged", "dense")
+ATTENTION_KERNELS = ("auto", "xla", "splash")  # RuntimeConfig.attention (see m2d_jax.models.splash)
 QK_NORMS = ("none", "head", "full")  # full: RMSNorm over the whole q / k projection (OLMoE)
 # pre: x + f(norm(x)) (Llama and most families); post: x + norm(f(x)) (OLMo2, FlexOlmo: norms after attention / FFN)
 NORM_PLACEMENTS = ("pre", "post")
@@ -376,11 +377,14 @@ class RuntimeConfig(_Spec):
     moe_blocks_per_step: int = 32  # "blocks" dispatch: blocks per batched matmul
     remat: bool = False  # rematerialise each scanned layer in the backward pass
     top_k: int = 0  # > 0: route every token to this many experts (expanded teacher top-k'); 0 = as trained
+    attention: str = "auto"  # one of ATTENTION_KERNELS: "splash" = fused Pallas TPU kernel; "auto" = it on TPU if
+    # the model's attention is supported (m2d_jax.models.splash.attention_kernel), else "xla" (scores materialised)
 
     def __post_init__(self):
         _one_of(self, "param_dtype", DTYPES)
         _one_of(self, "compute_dtype", DTYPES)
         _one_of(self, "moe_dispatch", DISPATCHES)
+        _one_of(self, "attention", ATTENTION_KERNELS)
         _positive(self, "capacity_factor", "moe_block_size", "moe_blocks_per_step")
         _need(self, self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = as trained)")
 

@@ -12,6 +12,7 @@ from m2d_jax.models.config import ModelConfig, RuntimeConfig
 from m2d_jax.models.layers import MLP, Attention, constrain, dtype_of, make_attention_mask, param, rms_norm
 from m2d_jax.models.mla import MLAttention
 from m2d_jax.models.rope import rope_cos_sin
+from m2d_jax.models.splash import SplashMask, attention_kernel
 from m2d_jax.models.moe import MoE
 
 RESIDUAL = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, d]
@@ -123,8 +124,10 @@ class CausalLM(nnx.Module):
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(cdt), RESIDUAL)
         cos, sin = (constrain(r, ("batch", "seq", None)) for r in rope_cos_sin(c, position_ids))  # [B, T, rope/2] f32
-        windows = jnp.asarray([c.attention.sliding_window if lt == "sliding_attention" else 0
-                               for lt in c.attention.layer_types], jnp.int32)  # [L]
+        layer_windows = [c.attention.sliding_window if lt == "sliding_attention" else 0
+                         for lt in c.attention.layer_types]
+        windows = jnp.asarray(layer_windows, jnp.int32)  # [L]
+        fused = cache is None and attention_kernel(c, self.runtime, t) == "splash"  # m2d_jax.models.splash
         # [L] real routed experts per layer when MoE layers differ in count (the rest of each stack is padding)
         layer_experts = jnp.asarray(c.layer_experts, jnp.int32) if c.is_moe and c.moe.experts.num_experts_per_layer \
             else None
@@ -132,13 +135,14 @@ class CausalLM(nnx.Module):
         for i, (stack, (kind, start, num)) in enumerate(zip(self.stacks, c.stacks)):
             graphdef, state = nnx.split(stack)
 
-            def body(h, xs, graphdef=graphdef):
+            def body(h, xs, graphdef=graphdef, stack_windows=tuple(sorted(set(layer_windows[start:start + num])))):
                 # one layer's params, sliding window (0 = full), cache, real experts (None: unpadded)
                 layer_state, window, layer_cache, num_experts = xs
                 layer = nnx.merge(graphdef, layer_state)
                 if layer_cache is None:
-                    return layer(h, cos, sin, make_attention_mask(attention_mask, t, window), observe,
-                                 num_experts=num_experts)
+                    mask = (SplashMask(attention_mask, window, stack_windows) if fused
+                            else make_attention_mask(attention_mask, t, window))
+                    return layer(h, cos, sin, mask, observe, num_experts=num_experts)
                 mask = make_attention_mask(key_mask, t, window, q_start=cache.index)
                 h, _, layer_cache = layer(h, cos, sin, mask, cache=layer_cache, cache_index=cache.index,
                                           num_experts=num_experts)

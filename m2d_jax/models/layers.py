@@ -13,6 +13,7 @@ from flax import nnx
 
 from m2d_jax.models.config import FFNSpec, ModelConfig, NormSpec
 from m2d_jax.models.rope import apply_rope, softmax_scale
+from m2d_jax.models.splash import SplashMask, splash_attention
 
 # Logical axis names used on parameters; the distillation mesh rules (m2d_jax.distill.sharding) map these onto
 # mesh axes: vocab, embed, heads, kv_heads, head_dim, mlp, exp, layers, and q_lora, kv_lora (MLA latents).
@@ -164,7 +165,8 @@ class Attention(nnx.Module):
             self.sinks = param(rngs, (a.num_heads,), ("heads",), dtype)
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        """x [B, T, d] -> [B, T, d]; with a ``cache`` (see ``init_cache``) -> (out, updated cache)."""
+        """x [B, T, d] -> [B, T, d]; with a ``cache`` (see ``init_cache``) -> (out, updated cache). ``mask``: the
+        dense [B, 1, 1, T, S] mask (``make_attention_mask``), or a ``SplashMask`` for the fused kernel."""
         a = self.config.attention
         q = constrain(self.q_proj(x), ("batch", "seq", "heads", "head_dim"))  # [B, T, H, D]
         k = constrain(self.k_proj(x), ("batch", "seq", "kv_heads", "head_dim"))  # [B, T, KV, D]
@@ -180,9 +182,12 @@ class Attention(nnx.Module):
         if cache is not None:  # decoding: attend over every cached slot; ``mask`` is built over the cache slots
             cache = write_cache(cache, cache_index, k=k, v=v)
             k, v = cache["k"], cache["v"]  # [B, S, KV, D]
-        sinks = self.sinks[...] if a.sinks else None
-        out = constrain(self.o_proj(dot_product_attention(q, k, v, mask, softmax_scale(self.config), sinks)),
-                        ("batch", "seq", "embed"))  # [B, T, d]
+        if isinstance(mask, SplashMask):
+            attended = splash_attention(q, k, v, mask.key_mask, mask.window, softmax_scale(self.config), mask.windows)
+        else:
+            sinks = self.sinks[...] if a.sinks else None
+            attended = dot_product_attention(q, k, v, mask, softmax_scale(self.config), sinks)  # [B, T, H, D]
+        out = constrain(self.o_proj(attended), ("batch", "seq", "embed"))  # [B, T, d]
         return out if cache is None else (out, cache)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> dict:

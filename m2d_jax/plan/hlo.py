@@ -3,7 +3,8 @@
 XLA's ``cost_analysis`` counts a ``while`` body once; the scanned decoder (layers), gradient accumulation
 (micro-batches) and the chunked loss are all ``while`` loops, so it under-counts by their trip counts. Here every
 computation's cost is summed over what it calls — a fusion once, a ``while`` body ``trip`` times, where ``trip`` is
-XLA's ``known_trip_count`` or else read from the loop condition (``counter < N``, the counter starting at 0); a loop
+XLA's ``known_trip_count`` or else read from the loop condition (``counter < N``, the counter starting at 0 and
+stepping by what the body adds to it: XLA unrolls its windowed-einsum loops on TPU, + 2 per body); a loop
 whose count is not found counts once and is listed in ``unknown_trip_loops``:
 
 - ``matmul_flops``: 2 x output elements x contracted size of every ``dot`` / ``convolution`` / ``ragged-dot`` and
@@ -13,7 +14,13 @@ whose count is not found counts once and is listed in ``unknown_trip_loops``:
 - ``hbm_bytes``: operands read plus outputs written by every top-level (unfused) instruction — an ESTIMATE of HBM
   traffic (operands kept in on-chip memory are counted too). A dynamic slice reads only its slice and a dynamic
   update slice writes its update in place (also as what a fusion does to one of its parameters: the scanned layers
-  read their layer of the stacked weights and write their layer of the stacked residuals and gradients).
+  read their layer of the stacked weights and write their layer of the stacked residuals and gradients; a slice in a
+  fusion nested in the fusion counts the same).
+
+A Pallas TPU kernel is a ``tpu_custom_call``: the grouped-matmul kernel is counted from its shapes, as above. The
+splash-attention kernels (``m2d_jax.models.splash``) carry no cost estimate in their backend config and are counted
+ANALYTICALLY from their q / k / v operands and block sizes (``splash_costs``), as causal: the tiles of the lower
+triangle that the kernel visits, each computed whole (a sliding window visits fewer: an upper bound there).
 """
 
 from __future__ import annotations
@@ -53,11 +60,24 @@ def _nbytes(type_text: str) -> int:
     return sum(_ITEMSIZE[d] * math.prod(shape) for d, shape in _arrays(type_text))
 
 
+def _logical_lines(text: str) -> list[str]:
+    """The HLO text's lines with every instruction on one line (a kernel's metadata attribute may span several)."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        continued = lines and lines[-1].startswith("  ") and line and not line.startswith("  ") and line != "}" \
+            and not _HEADER.match(line)
+        if continued:
+            lines[-1] += line
+        else:
+            lines.append(line)
+    return lines
+
+
 def _parse(text: str) -> tuple[dict, str | None]:
     """{computation: [(name, type, opcode, operands, attributes)]} (the root instruction last) and the entry
     computation's name."""
     computations, entry, current, root = {}, None, None, None
-    for line in text.splitlines():
+    for line in _logical_lines(text):
         header = _HEADER.match(line)
         if header:
             current, root = header.group(2), None
@@ -128,11 +148,31 @@ def _hbm_bytes(opcode: str, type_text: str, operands: str, attrs: str, types: di
     for name, index in params.items():
         if name in in_place:
             continue
-        if uses[name] and all(op == "dynamic-slice" and position == 0 for op, position, _ in uses[name]):
-            read += sum(_nbytes(t) for _, _, t in uses[name])
-        else:
-            read += operand_bytes[index] if index < len(operand_bytes) else 0
+        sliced = _sliced_read(body, name, computations)
+        read += sliced if sliced is not None else operand_bytes[index] if index < len(operand_bytes) else 0
     return written + read
+
+
+def _sliced_read(body: list, param: str, computations: dict, depth: int = 0) -> int | None:
+    """Bytes a fusion ``body`` reads of its parameter ``param`` when every use dynamic-slices it — directly, or as
+    a parameter of a nested fusion that does — else None (read whole)."""
+    uses = [(op, position, t, attrs) for _, t, op, ops, attrs in body
+            for position, operand in enumerate(_operand_names(ops)) if operand == param]
+    if not uses:
+        return None
+    total = 0
+    for op, position, t, attrs in uses:
+        if op == "dynamic-slice" and position == 0:
+            total += _nbytes(t)
+            continue
+        callee = re.search(r"calls=%([^\s,]+)", attrs) if op == "fusion" and depth < 4 else None
+        inner = computations.get(callee.group(1), []) if callee else []
+        inner_param = next((n for n, _, o, ops, _ in inner if o == "parameter" and ops.strip() == str(position)), None)
+        part = _sliced_read(inner, inner_param, computations, depth + 1) if inner_param else None
+        if part is None:
+            return None
+        total += part
+    return total
 
 
 def _taps(out_size: int, in_size: int, window: int, stride: int, pad_low: int, lhs_dilate: int,
@@ -171,7 +211,76 @@ def _convolution_flops(out: tuple, lhs: tuple, rhs: tuple, attrs: str) -> float:
     return 2.0 * math.prod(out) / max(out_spatial, 1) * taps * rhs[rhs_labels.index("i")]
 
 
-def _trip_count(attrs: str, condition: list, computations: dict) -> int | None:
+_SPLASH = re.compile(r"splash_mha_(fwd|dq|dkv)")
+# per score element and head: fwd QK^T, PV; dq QK^T, dO V^T, dS K; dkv QK^T, dO V^T, P^T dO, dS^T Q (x2 mul-add)
+_SPLASH_MATMULS = {"fwd": (1, 1), "dq": (2, 1), "dkv": (2, 2)}  # (times head_dim of q / k, times head_dim of v)
+_SPLASH_BLOCKS = {"fwd": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq"),
+                  "dkv": ("block_q_dkv", "block_kv_dkv")}
+
+
+def causal_blocks(q_len: int, kv_len: int, block_q: int, block_kv: int) -> int:
+    """[block_q, block_kv] tiles of a causal [q_len, kv_len] mask holding a visible element (key <= query)."""
+    nk = kv_len // block_kv
+    return sum(min(nk, ((i + 1) * block_q - 1) // block_kv + 1) for i in range(q_len // block_q))
+
+
+def splash_costs(name: str, operand_types: list[str], output_type: str, attrs: str) -> tuple[float, float] | None:
+    """(matmul FLOPs, HBM bytes) of one splash-attention kernel call (fwd, dq or dkv; q [..., H, T, D],
+    k [..., KV, S, D], v [..., KV, S, Dv] are its first three floating-point operands, the leading dimensions the
+    examples of a vmapped call), or None if ``name`` is not one.
+
+    ANALYTIC, causal: the kernel visits the [bq, bkv] tiles with a visible element (``causal_blocks``, block sizes
+    from its metadata) and computes each whole, 2 x (D or Dv) FLOPs per score element and matmul (fwd 2, dq 3, dkv
+    4). HBM: every operand and output once, plus what the kernel streams again per visited tile and query head —
+    k / v blocks in the forward and dq kernels, q / dO blocks in the dkv kernel (k / v per query head there)."""
+    match = _SPLASH.search(name) or _SPLASH.search(attrs.split("backend_config", 1)[0])
+    if match is None:
+        return None
+    phase = match.group(1)
+    floats = [a for t in operand_types for a in _arrays(t)[:1] if a[0] in ("bf16", "f16", "f32")]
+    if len(floats) < 3 or any(len(shape) < 3 for _, shape in floats[:3]):
+        return None
+    (qd, q_shape), (_, k_shape), (vd, v_shape) = floats[:3]
+    examples = math.prod(q_shape[:-3])  # a batched (vmapped) kernel call: leading example dimensions
+    h, t, d = q_shape[-3:]
+    s, dv = k_shape[-2], v_shape[-1]
+    sizes = {key: int(value) for key, value in re.findall(r'\\"(block_\w+)\\": (\d+)', attrs)}
+    bq, bkv = (sizes.get(key, 128) for key in _SPLASH_BLOCKS[phase])
+    bq, bkv = min(bq, t), min(bkv, s)
+    visited = causal_blocks(t, s, bq, bkv)
+    times_d, times_dv = _SPLASH_MATMULS[phase]
+    flops = 2.0 * examples * h * visited * bq * bkv * (times_d * d + times_dv * dv)
+    once = sum(_nbytes(t_) for t_ in operand_types) + _nbytes(output_type)
+    h *= examples
+    q_isz, v_isz = _ITEMSIZE[qd], _ITEMSIZE[vd]
+    if phase == "dkv":
+        streamed = h * visited * bq * (d * q_isz + dv * v_isz) + h * s * (d * q_isz + dv * v_isz)
+    else:
+        streamed = h * visited * bkv * (d * q_isz + dv * v_isz)
+    return flops, float(once + streamed)
+
+
+def _counter_step(counter: str, condition: list, body: list) -> int:
+    """What the loop body adds to the counter that the condition compares: 1, unless the body's root tuple sets that
+    element to itself + a constant (XLA's windowed-einsum loops on TPU are unrolled: + 2 per body)."""
+    index = next((re.search(r"index=(\d+)", a) for n, _, op, _, a in condition
+                  if n == counter and op == "get-tuple-element"), None)
+    if index is None or not body or body[-1][2] != "tuple":
+        return 1
+    elements = _operand_names(body[-1][3])
+    i = int(index.group(1))
+    by_name = {n: (op, ops, a) for n, _, op, ops, a in body}
+    op, ops, _ = by_name.get(elements[i], (None, "", "")) if i < len(elements) else (None, "", "")
+    if op != "add":
+        return 1
+    steps = [int(by_name[o][1]) for o in _operand_names(ops) if by_name.get(o, ("",))[0] == "constant"
+             and re.fullmatch(r"\d+", by_name[o][1].strip())]
+    counters = [o for o in _operand_names(ops) if by_name.get(o, ("",))[0] == "get-tuple-element"
+                and f"index={i}" in by_name[o][2]]
+    return steps[0] if len(steps) == 1 and counters and steps[0] > 0 else 1
+
+
+def _trip_count(attrs: str, condition: list, computations: dict, body: list = ()) -> int | None:
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
     if known:
         return int(known.group(1))
@@ -187,10 +296,12 @@ def _trip_count(attrs: str, condition: list, computations: dict) -> int | None:
 
     for _, _, op, operands, attrs in condition:
         if less_than(op, attrs):
-            for operand in operands.split(","):
-                value = constants.get(operand.strip().lstrip("%"))
+            names = _operand_names(operands)
+            for operand in names:
+                value = constants.get(operand)
                 if value is not None:
-                    return value
+                    counter = next((n for n in names if n != operand), "")
+                    return -(-value // _counter_step(counter, condition, list(body)))
     return None
 
 
@@ -233,7 +344,13 @@ def program_costs(text: str) -> dict:
             return memo[key]
         total = {"matmul_flops": 0.0, "hbm_bytes": 0.0, "collective_bytes": {}}
         for instr, type_text, opcode, operands, attrs in computations.get(name, []):
-            if opcode in ("dot", "convolution", "ragged-dot") or (opcode == "custom-call" and instr.startswith(
+            splash = (splash_costs(instr, [types.get(n, "") for n in _operand_names(operands)], type_text, attrs)
+                      if opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in attrs else None)
+            if splash is not None:
+                total["matmul_flops"] += splash[0]
+                if top_level:
+                    total["hbm_bytes"] += splash[1]
+            elif opcode in ("dot", "convolution", "ragged-dot") or (opcode == "custom-call" and instr.startswith(
                     "ragged-dot") and "metadata" not in instr):
                 total["matmul_flops"] += matmul(opcode, type_text, operands, attrs)
             if opcode in _COLLECTIVES:
@@ -243,12 +360,12 @@ def program_costs(text: str) -> dict:
                 nbytes = nbytes // 2 if opcode.endswith("-start") else nbytes  # (input, output) tuples
                 total["collective_bytes"][kind] = total["collective_bytes"].get(kind, 0) + (
                     2 * nbytes if kind == "all_reduce" else nbytes)
-            if top_level and opcode not in _FREE:
+            if top_level and opcode not in _FREE and splash is None:
                 total["hbm_bytes"] += _hbm_bytes(opcode, type_text, operands, attrs, types, computations)
             if opcode == "while":
                 body = re.search(r"body=%([^\s,]+)", attrs).group(1)
                 condition = re.search(r"condition=%([^\s,]+)", attrs).group(1)
-                trip = _trip_count(attrs, computations.get(condition, []), computations)
+                trip = _trip_count(attrs, computations.get(condition, []), computations, computations.get(body, []))
                 loops.append({"body": body, "trip_count": trip})
                 if trip is None:
                     unknown.append(body)

@@ -48,6 +48,7 @@ class PlanOptions:
     teacher_top_k: int | None = None  # distill: expanded teacher routing k' (0 = as trained)
     objective: str | None = None  # distill: "kl" (the student from the teacher) or "lm" (train the model itself)
     dispatch: str | None = None  # MoE dispatch of the teacher (every stage)
+    attention: str = "auto"  # attention kernel (RuntimeConfig.attention; "auto" resolved for the mesh's platform)
     dtype: str = "bfloat16"  # calibrate / eval: parameter + compute dtype
     groups: int | None = None  # k of the student (default: the model config's)
     eval_model: str = "student"  # eval: "student" or "teacher"
@@ -157,7 +158,7 @@ def _build(model: str, stage: str, spec: MeshSpec, options: PlanOptions, mesh):
     teacher, student = _models(model, stage, options)
     if stage == "distill":
         c = _distill_config(options, teacher, mesh.shape["data"] * mesh.shape["fsdp"], spec)
-        program = programs.distill_program(c, teacher, student or teacher, mesh)
+        program = programs.distill_program(c, teacher, student or teacher, mesh, options.attention, spec.platform)
         tokens = c.data.batch_size * c.data.seq_len
         seq, n = c.data.seq_len, c.micro_batches
         target = student or teacher
@@ -173,12 +174,18 @@ def _build(model: str, stage: str, spec: MeshSpec, options: PlanOptions, mesh):
         hbm = n * (t_read + 3 * s_read) + 4 * own  # gathered weights streamed; AdamW reads / writes its shards
         detail = {"tokens_per_step": tokens, "micro_batches": n, "seq_len": seq, "batch": c.data.batch_size,
                   "teacher_top_k": c.teacher.top_k, "remat": c.student.remat,
-                  "teacher_dispatch": c.teacher.moe_dispatch, "objective": c.objective}
+                  "teacher_dispatch": c.teacher.moe_dispatch, "objective": c.objective,
+                  "attention": program.attention}
     else:
         batch = options.batch or 8
         seq = options.seq or 2048
         target = teacher if stage == "calibrate" or student is None else student
-        runtime = load_runtime(options.dtype, moe_dispatch=_dispatch(options.dispatch, spec))
+        # these steps run without an activation layout: "auto" stays on xla (m2d_jax.models.splash.attention_kernel)
+        if options.attention == "splash":
+            raise M2DError(f"--attention splash: the {stage} step is not traced under an activation layout, so the "
+                           "kernel cannot be placed on a mesh (distill only); use auto or xla")
+        runtime = programs.target_runtime(target, load_runtime(options.dtype, moe_dispatch=_dispatch(
+            options.dispatch, spec), attention=options.attention), seq, None)
         if stage == "calibrate":
             if not teacher.is_moe:
                 raise M2DError(f"--model {model}: a {teacher.family} model has no MoE layers to calibrate")
@@ -196,7 +203,8 @@ def _build(model: str, stage: str, spec: MeshSpec, options: PlanOptions, mesh):
         collective, hbm = recv, read
         tokens = batch * seq
         detail = {"tokens_per_step": tokens, "batch": batch, "seq_len": seq, "dtype": options.dtype,
-                  "model": "teacher" if target is teacher else "student", "dispatch": runtime.moe_dispatch}
+                  "model": "teacher" if target is teacher else "student", "dispatch": runtime.moe_dispatch,
+                  "attention": runtime.attention}
     analytic = {"model_flops_per_step": model_flops, "hardware_flops_per_step": hardware,
                 "hbm_bytes_per_chip": hbm, "collective_bytes_per_chip": collective, **detail}
     return program, analytic, teacher, student

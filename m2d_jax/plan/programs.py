@@ -30,6 +30,7 @@ class Program:
     arguments: dict[str, int]
     abstract: dict  # {"params": the (student's) parameters, "teacher": the teacher's} as abstract sharded trees
     batch_shards: int  # data x fsdp: devices the batch is split over
+    attention: dict = dataclasses.field(default_factory=dict)  # {"student", "teacher"}: each one's attention kernel
 
 
 def per_device_bytes(tree) -> int:
@@ -81,8 +82,18 @@ def _tokens(mesh: Mesh, batch: int, seq: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding(mesh))
 
 
-def distill_program(distill_config, teacher: ModelConfig | None, student: ModelConfig, mesh: Mesh) -> Program:
-    """``make_train_step`` of ``distill_config`` (objective, optimizer, micro-batches, runtimes) over ``mesh``."""
+def target_runtime(config: ModelConfig, runtime: RuntimeConfig, seq_len: int, platform: str | None) -> RuntimeConfig:
+    """``runtime`` with its ``attention`` kernel resolved for the compile target's ``platform`` (None: jax's default
+    backend), not for the CPU doing the compile (where "auto" means xla)."""
+    from m2d_jax.models.splash import attention_kernel
+
+    return runtime.replace(attention=attention_kernel(config, runtime, seq_len, platform))
+
+
+def distill_program(distill_config, teacher: ModelConfig | None, student: ModelConfig, mesh: Mesh,
+                    attention: str = "auto", platform: str | None = None) -> Program:
+    """``make_train_step`` of ``distill_config`` (objective, optimizer, micro-batches, runtimes) over ``mesh``, both
+    models' attention kernels ``attention`` resolved for ``platform``."""
     from m2d_jax.distill.objectives import objective_from_config
     from m2d_jax.distill.sharding import check_batch
     from m2d_jax.distill.train import make_train_step, model_runtimes, optimizer_from_config, train_state_shardings
@@ -90,7 +101,8 @@ def distill_program(distill_config, teacher: ModelConfig | None, student: ModelC
     c = distill_config
     check_batch(c.data.batch_size, c.micro_batches, mesh)
     objective = objective_from_config(c)
-    student_runtime, teacher_runtime = model_runtimes(c)
+    student_runtime, teacher_runtime = (target_runtime(m, r.replace(attention=attention), c.data.seq_len, platform)
+                                        for m, r in zip((student, teacher or student), model_runtimes(c)))
     tx, schedule = optimizer_from_config(c)
     student_graphdef, params = abstract_params(student, student_runtime, mesh)
     params_shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -110,7 +122,8 @@ def distill_program(distill_config, teacher: ModelConfig | None, student: ModelC
                     "student_params": per_device_bytes(state["params"]),
                     "optimizer_state": per_device_bytes(state["opt_state"]) + per_device_bytes(state["step"]),
                     "batch": per_device_bytes(batch)},
-                   {"params": state["params"], "teacher": teacher_params}, _batch_shards(mesh))
+                   {"params": state["params"], "teacher": teacher_params}, _batch_shards(mesh),
+                   {"student": student_runtime.attention, "teacher": teacher_runtime.attention})
 
 
 def calibrate_program(teacher: ModelConfig, runtime: RuntimeConfig, mesh: Mesh, batch: int, seq: int,
