@@ -2,7 +2,8 @@
 the train step of a tiny MoE teacher and dense student keeps every activation's batch sharded — no instruction of the
 optimised per-device program holds a whole micro-batch of rows — and its all-reduces carry no more than the
 gradients (before the constraints the partitioner all-reduced partial activations over the sharded model dimension).
-Without a mesh the constraints are the identity."""
+The calibration and perplexity forwards on the same mesh keep the batch sharded likewise. Without a mesh the
+constraints are the identity."""
 
 from __future__ import annotations
 
@@ -36,17 +37,48 @@ def compiled():
     return program.lower().compile().as_text(), student_bytes
 
 
+@pytest.fixture(scope="module")
+def forwards():
+    """The compiled calibration step (observed forward with the all-experts Gram) and perplexity forward of the
+    tiny teacher on the same mesh, one [BATCH // MICRO_BATCHES, SEQ] batch each (``m2d plan``'s programs, i.e. the
+    stages' own jitted steps)."""
+    from m2d_jax.models import load_runtime
+    from m2d_jax.plan.models import load_model
+    from m2d_jax.plan.programs import calibrate_program, eval_program
+
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    teacher, _ = load_model("qwen3_moe_tiny")
+    runtime, rows = load_runtime("float32"), BATCH // MICRO_BATCHES
+    programs = {"calibrate": calibrate_program(teacher, runtime, mesh, rows, SEQ, num_seqs=2 * rows,
+                                               gram_tokens=4 * SEQ, gram_chunk=16),
+                "eval": eval_program(teacher, runtime, mesh, rows, SEQ)}
+    return {stage: program.lower().compile().as_text() for stage, program in programs.items()}
+
+
+def _whole_batch_arrays(text: str, rows: int) -> list[str]:
+    """Per-device arrays of the optimised program over all ``rows`` rows of a batch: activations [rows, seq, width]
+    or tokens [rows * seq, width], width one of hidden, vocabulary, FFN widths (the tiny teacher's routing,
+    [tokens, experts | k], is still gathered by the partitioner: not checked)."""
+    routing = (16, 4)  # qwen3_moe_tiny: 16 experts, k' = 4
+    return sorted({f"{dtype}{list(shape)}" for line in text.splitlines() if " = " in line
+                   for dtype, shape in _arrays(line.split(" = ", 1)[1].split("(")[0])
+                   if (shape[:2] == (rows, SEQ) or shape[:1] == (rows * SEQ,)) and shape[-1] not in routing})
+
+
 def test_no_instruction_holds_a_whole_micro_batch(compiled):
     text, _ = compiled
     rows = BATCH // MICRO_BATCHES
-    # activations: [rows, seq, width] or tokens [rows * seq, width], width one of hidden, vocabulary, FFN widths
-    # (the tiny teacher's routing, [tokens, experts | k], is still gathered by the partitioner: not checked)
-    routing = (16, 4)  # qwen3_moe_tiny: 16 experts, k' = 4
-    whole = sorted({f"{dtype}{list(shape)}" for line in text.splitlines() if " = " in line
-                    for dtype, shape in _arrays(line.split(" = ", 1)[1].split("(")[0])
-                    if (shape[:2] == (rows, SEQ) or shape[:1] == (rows * SEQ,)) and shape[-1] not in routing})
-    assert whole == [], f"per-device arrays over the whole micro-batch: {whole[:8]}"
+    assert _whole_batch_arrays(text, rows) == []
     assert re.search(rf"\[{rows // 8},{SEQ},", text)  # the per-device rows of the activations
+
+
+@pytest.mark.parametrize("stage", ["calibrate", "eval"])
+def test_calibration_and_perplexity_forwards_keep_the_batch_sharded(forwards, stage):
+    """Before they were traced under the activation layout, both forwards ran the MoE dispatch on all rows * seq
+    tokens on every device; their results equal the unsharded run (tests/test_plan.py, tests/test_multihost.py)."""
+    rows = BATCH // MICRO_BATCHES
+    assert _whole_batch_arrays(forwards[stage], rows) == []
+    assert re.search(rf"\[{rows // 8},{SEQ},", forwards[stage])
 
 
 def test_all_reduces_carry_only_the_gradients(compiled):
