@@ -1,5 +1,6 @@
-"""The stages of a run on a mesh of 4 devices: calibration, the conversion of the teacher from those statistics,
-3 distillation steps, perplexity of the trained student, its HF export, a local lm-eval task and greedy generation. ``run_stages`` runs them in this process (tests/test_multihost.py's single-process reference);
+"""The stages of a run on a mesh of 4 devices: calibration, the conversion of the teacher from those statistics
+(``m2d convert``), 3 distillation steps, perplexity of the trained student, its HF export, a local lm-eval task and
+greedy generation. ``run_stages`` runs them in this process (tests/test_multihost.py's single-process reference);
 as a script it is one process of a 2-process run (2 fake CPU devices each, launched through the JAX_* variables
 that ``m2d_jax.distributed.initialize_distributed`` reads):
 
@@ -20,7 +21,7 @@ def run_stages(models: dict, out: Path, devices=None) -> dict:
     import jax
 
     from distill_helpers import tiny_config
-    from m2d_jax.convert import ConversionRecipe
+    from m2d_jax.cli import main
     from m2d_jax.distill import train
     from m2d_jax.distill.sharding import make_mesh
     from m2d_jax.eval.generate import generate_tokens
@@ -28,13 +29,14 @@ def run_stages(models: dict, out: Path, devices=None) -> dict:
     from m2d_jax.eval.ppl import evaluate_perplexity
     from m2d_jax.eval.tasks import evaluate_tasks
     from m2d_jax.hf.export import export_checkpoint
-    from m2d_jax.pipeline import calibrate_files, convert_checkpoint
+    from m2d_jax.pipeline import calibrate_files
 
     mesh = make_mesh(MESH, devices)
     stats = calibrate_files(models["teacher"], [models["data"]], out / "stats.npz", seq_len=32, num_seqs=12,
                             gram_tokens=200, batch_size=4, gram_chunk=32, show_progress=False, mesh=mesh)
-    convert_checkpoint(models["teacher"], out / "stats.npz", ConversionRecipe(1, "round_robin", "uniform"),
-                       out / "converted", out / "converted_hf", num_selected=2, progress=False, mesh=mesh)
+    # the command line, as a pod runs it on every worker (multi-process default mesh: every device on fsdp = MESH)
+    assert main(["convert", "--model", str(models["teacher"]), "--stats", str(out / "stats.npz"), "--experts", "2",
+                 "--groups", "1", "--out", str(out / "converted"), "--hf-out", str(out / "converted_hf")]) == 0
     config = tiny_config(models, out / "distill", steps=3, **{f"mesh.{k}": v for k, v in MESH.items()},
                          **{"schedule.warmup_steps": 1, "schedule.decay_steps": 1})
     distilled = train.run(config, devices)
