@@ -25,6 +25,7 @@ from m2d_jax.calibration.sampling import gram_positions, gram_slots
 from m2d_jax.calibration.types import StatSums
 from m2d_jax.distributed import device_rows, to_host, traced_on
 from m2d_jax.models import all_expert_outputs
+from m2d_jax.models.layers import constrain
 
 
 def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
@@ -49,8 +50,12 @@ def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
     def gram_chunk(carry, xs):
         gram, out_sum, out_norm = carry
         xc, mc = xs  # [chunk, d], [chunk]
+        # the chunk's tokens split like a batch (under a sharded step): every device runs the experts on its tokens
+        # with the weights gathered, instead of all-reducing partial [E, chunk, d] outputs over the sharded d
+        xc, mc = constrain(xc, ("batch", "embed")), constrain(mc, ("batch",))
         f = jnp.where(real[:, None, None] & (mc[None, :, None] > 0),
                       all_expert_outputs(experts, act, xc).astype(jnp.float32), 0.0)  # [E, chunk, d]
+        f = constrain(f, ("exp", "batch", "embed"))
         flat = f.reshape(f.shape[0], -1)  # [E, chunk * d]: one plain GEMM (a 3-D contraction is transposed first)
         gram = gram + jnp.matmul(flat, flat.T, precision=hi)
         return (gram, out_sum + f.sum(1), out_norm + jnp.linalg.norm(f, axis=-1).sum(1)), None
