@@ -42,7 +42,9 @@ def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
     norm = jnp.where(keep, jnp.einsum("tk,tke->te", routed_norm, onehot), 0.0)  # [T, E], 0 where not selected
     logits = jnp.where(keep, routing.logits.astype(jnp.float32), 0.0)  # [T, E]
 
-    experts, act = view.experts, view.act
+    # the expert weights gathered once per layer (whole but for the expert axis), not once per Gram chunk
+    experts = jax.tree.map(lambda w: constrain(w, ("exp",) + (None,) * (w.ndim - 1)), view.experts)
+    act = view.act
     x_sub = view.x[gram_index].reshape(-1, chunk, view.x.shape[-1])  # [S/chunk, chunk, d]
     mask_sub = gram_valid.astype(jnp.float32).reshape(-1, chunk)  # [S/chunk, chunk]
     real = jnp.ones((e,), bool) if view.real_experts is None else view.real_experts  # [E]: padded experts give 0
