@@ -103,10 +103,10 @@ def atomic_write(out: str | Path, write: Callable[[Path], Any], directory: bool 
     multi-process run only process 0 writes it (every process holds the same content: statistics, selections,
     reports), the others return at once (a stage checks its outputs on every process before any work,
     ``check_outputs``, and waits at a barrier after writing, ``sync_processes``). ``directory=True``: ``tmp`` is an
-    existing empty directory. In a multi-process run a directory write is collective: every process calls this with the same ``out``, ``write``
-    runs on every process with the same ``tmp`` (collective writers such as Orbax coordinate their shards; single
-    files must be written by ``is_primary_process()`` only), and process 0 renames once every process has finished
-    writing.
+    existing empty directory. In a multi-process run a directory write is collective: every process calls this with
+    the same ``out``, ``write`` runs on every process with the same ``tmp`` (collective writers such as Orbax
+    coordinate their shards; single files must be written by ``is_primary_process()`` only), and process 0 renames
+    once every process has finished writing.
     """
     if not directory and not is_primary_process():  # checking here would race with process 0's rename
         return Path(out).absolute()

@@ -53,8 +53,8 @@ def run_stages(models: dict, out: Path, devices=None) -> dict:
     scored = lm._loglikelihood_tokens([(None, p, g) for p, g in zip(prompts, generated)], disable_tqdm=True)
     return {"stats_digest": stats.digest(), "tokens": stats.metadata["tokens_seen"], "loss": distilled["metrics"],
             "ppl": ppl.to_dict(), "student": distilled["student"], "tasks": tasks["results"]["m2d_test_mc"],
-            "generated": generated, "scored": scored, "process_index": jax.process_index(), "process_count": jax.process_count(),
-            "devices": jax.device_count()}
+            "generated": generated, "scored": scored, "process_index": jax.process_index(),
+            "process_count": jax.process_count(), "devices": jax.device_count()}
 
 
 def main():
