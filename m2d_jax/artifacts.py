@@ -101,17 +101,18 @@ def atomic_write(out: str | Path, write: Callable[[Path], Any], directory: bool 
 
     ``directory=False``: ``tmp`` is a path in ``out``'s directory for ``write`` to create as a file; in a
     multi-process run only process 0 writes it (every process holds the same content: statistics, selections,
-    reports), the others only check the path. ``directory=True``: ``tmp`` is an existing empty directory. In a
-    multi-process run a directory write is collective: every process calls this with the same ``out``, ``write``
-    runs on every process with the same ``tmp`` (collective writers such as Orbax coordinate their shards; single
-    files must be written by ``is_primary_process()`` only), and process 0 renames once every process has finished
-    writing.
+    reports), the others return at once (a stage checks its outputs on every process before any work,
+    ``check_outputs``, and waits at a barrier after writing, ``sync_processes``). ``directory=True``: ``tmp`` is an
+    existing empty directory. In a multi-process run a directory write is collective: every process calls this with
+    the same ``out``, ``write`` runs on every process with the same ``tmp`` (collective writers such as Orbax
+    coordinate their shards; single files must be written by ``is_primary_process()`` only), and process 0 renames
+    once every process has finished writing.
     """
+    if not directory and not is_primary_process():  # checking here would race with process 0's rename
+        return Path(out).absolute()
     out = check_outputs(out, overwrite=overwrite)[0]
     if directory and jax.process_count() > 1:
         return _atomic_directory_collective(out, write)
-    if not directory and not is_primary_process():
-        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -148,7 +148,7 @@ def _cmd_eval_tasks(args) -> int:
     result = evaluate_tasks(args.model, [t for t in args.tasks.split(",") if t], num_fewshot=args.num_fewshot,
                             include_path=args.include_path, include_defaults=not args.local_tasks_only,
                             batch_size=args.batch_size, dtype=args.dtype, limit=args.limit, output=args.output,
-                            **model_args)
+                            mesh=_running_mesh(args), **model_args)
     import jax
 
     if jax.process_index() == 0:
@@ -157,16 +157,21 @@ def _cmd_eval_tasks(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    import m2d_jax
-    from m2d_jax.data import load_tokenizer
-    from m2d_jax.eval.generate import generate
+    import jax
 
-    model = m2d_jax.from_pretrained(args.model, dtype=args.dtype)
+    from m2d_jax.data import load_tokenizer
+    from m2d_jax.distributed import stage_mesh
+    from m2d_jax.eval.generate import generate
+    from m2d_jax.pipeline import load_model
+
+    mesh = stage_mesh(_running_mesh(args))
+    model = load_model(args.model, args.dtype, mesh)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     texts = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, until=args.until or (),
-                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, mesh=mesh)
     for prompt, text in zip(args.prompt, texts):
-        print(json.dumps({"prompt": prompt, "completion": text}))
+        if jax.process_index() == 0:
+            print(json.dumps({"prompt": prompt, "completion": text}))
     return 0
 
 
@@ -176,12 +181,13 @@ def _cmd_convert(args) -> int:
 
     if args.random_ffn:
         out = random_ffn_checkpoint(args.model, args.groups, args.out, args.hf_out, dtype=args.dtype, seed=args.seed,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, mesh=_running_mesh(args))
     else:
         recipe = ConversionRecipe(args.groups, args.grouping, args.dp_scaling)
         out = convert_checkpoint(args.model, args.stats, recipe, args.out, args.hf_out, selection=args.selection,
                                  scoring=args.scoring, num_selected=args.experts,
-                                 scoring_options=_scoring_options(args), dtype=args.dtype, overwrite=args.overwrite)
+                                 scoring_options=_scoring_options(args), dtype=args.dtype, overwrite=args.overwrite,
+                                 mesh=_running_mesh(args))
     print(f"wrote {out}" + (f" and {args.hf_out}" if args.hf_out else ""))
     return 0
 
@@ -202,7 +208,7 @@ def _cmd_prune_dense(args) -> int:
         args.model, args.data, args.out, target_params=args.params, params_of=args.params_of, hf_out=args.hf_out,
         axes=[a.strip() for a in args.axes.split(",")], min_fraction=args.min_fraction, seq_len=args.seq_len,
         num_seqs=args.num_seqs, batch_size=args.batch_size, seed=args.seed, tokenizer_dir=args.tokenizer,
-        text_field=args.text_field, dtype=args.dtype, overwrite=args.overwrite)
+        text_field=args.text_field, dtype=args.dtype, overwrite=args.overwrite, mesh=_running_mesh(args))
     print(f"pruned {report.teacher_params:,} -> {report.params:,} parameters (target {report.target_params:,}; "
           f"{report.params - report.target_params:+,}), shape {report.shape.to_dict()}")
     print(f"wrote {out}" + (f" and {args.hf_out}" if args.hf_out else ""))
@@ -268,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random-FFN baseline")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--mesh", default=None, help="mesh config (configs/mesh/): the devices the student is written "
+                                                "from (multi-host: default all devices)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="m2d_jax checkpoint -> HF checkpoint directory (standard transformers class)")
@@ -358,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, default=None, help="examples per task (fraction if < 1)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--output", default=None, help="results JSON path")
+    p.add_argument("--mesh", default=None, help="mesh config (configs/mesh/): shard the model over its axes")
     p.set_defaults(func=_cmd_eval_tasks)
 
     p = sub.add_parser("generate", help="KV-cache decoding (greedy by default) from text prompts")
@@ -370,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--mesh", default=None, help="mesh config (configs/mesh/): shard the model over its axes")
     p.set_defaults(func=_cmd_generate)
 
     from m2d_jax.prune import DEFAULT_AXES, DEFAULT_MIN_FRACTION, PRUNE_AXES, parse_param_count
@@ -395,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--mesh", default=None, help="mesh config (configs/mesh/): the devices the pruned model is written "
+                                                "from (multi-host: default all devices)")
     p.set_defaults(func=_cmd_prune_dense)
     from m2d_jax.models.config import ATTENTION_KERNELS, DISPATCHES
     from m2d_jax.plan import DEFAULT_DISTILL_CONFIG, STAGES
@@ -437,12 +449,15 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from m2d_jax.artifacts import sync_processes
     from m2d_jax.distributed import initialize_distributed
     from m2d_jax.errors import CheckpointError
 
     try:
         initialize_distributed()  # multi-host (TPU pod, SLURM, JAX_* variables); nothing for one process
-        return args.func(args)
+        status = args.func(args)
+        sync_processes(f"m2d {args.command}: done")  # multi-host: nobody exits before process 0 has written
+        return status
     except (CheckpointError, FileExistsError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"m2d {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -21,11 +21,14 @@ describe the whole run; only process 0 writes single files (``m2d_jax.artifacts`
 The stages that run a model over data (calibration, perplexity; distillation has its own loop) take a mesh
 (``stage_mesh``): the model is imported straight into its sharded layout, and each batch is one global array whose
 rows each process places from its own share (``global_batch``), so reductions over the batch (calibration sums, the
-NLL) are all-reduced over the mesh inside the jitted step and every process ends with the same result.
+NLL) are all-reduced over the mesh inside the jitted step and every process ends with the same result. Their jitted
+steps are traced under ``traced_on(mesh)`` (the distillation step's activation sharding), so no device holds a
+whole batch's activations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -113,6 +116,16 @@ def stage_mesh(mesh=None, devices=None):
     return make_mesh({"fsdp": -1}, devices) if jax.process_count() > 1 else None
 
 
+def traced_on(mesh):
+    """The context a stage's jitted step is traced in: ``distill.sharding.activation_sharding(mesh)`` (activations
+    keep the batch sharded over the mesh's batch axes, docs/METHOD.md §11), or nothing without a mesh."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    from m2d_jax.distill.sharding import activation_sharding
+
+    return activation_sharding(mesh)
+
+
 def global_batch(rows: np.ndarray, mesh, field: str = "batch_size") -> jax.Array:
     """``rows`` [batch, ...] (the same on every process) as one array sharded over the mesh's batch axes; each
     process places only the rows its devices hold. ``field`` names the option a bad batch size comes from."""
@@ -125,6 +138,40 @@ def global_batch(rows: np.ndarray, mesh, field: str = "batch_size") -> jax.Array
     return jax.make_array_from_callback(rows.shape, batch_sharding(mesh, rows.ndim), lambda index: rows[index])
 
 
+def device_rows(rows, mesh=None, dtype=None, field: str = "batch_size") -> jax.Array:
+    """Host rows [batch, ...] (as ``dtype``) on the devices: split over ``mesh``'s batch axes (``global_batch``), or
+    on the default device without a mesh; an array already on the devices is returned as is."""
+    if isinstance(rows, jax.Array):
+        return rows
+    rows = np.asarray(rows, dtype)
+    return jax.numpy.asarray(rows) if mesh is None else global_batch(rows, mesh, field)
+
+
+def place_model(model, mesh):
+    """``model`` (every process holding the same parameters whole, e.g. a student built on the host by
+    ``m2d convert``) with its parameters placed on ``mesh`` by the sharding rules, each process placing only the
+    slices its devices hold: the layout a collective write (Orbax) or a sharded forward needs. Returns ``model``."""
+    from flax import nnx
+
+    from m2d_jax.distill.sharding import param_shardings
+
+    state = nnx.state(model, nnx.Param)
+    host = jax.tree.map(np.asarray, state.to_pure_dict())
+    nnx.replace_by_pure_dict(state, jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), host,
+        param_shardings(model, mesh)))
+    nnx.update(model, state)
+    return model
+
+
+def replicated_rows(rows: np.ndarray, mesh) -> jax.Array:
+    """``rows`` (the same on every process) as one array replicated on every device of ``mesh``."""
+    from m2d_jax.distill.sharding import replicated
+
+    rows = np.asarray(rows)
+    return jax.make_array_from_callback(rows.shape, replicated(mesh), lambda index: rows[index])
+
+
 def to_host(x) -> np.ndarray:
     """A (possibly multi-host sharded) array as a NumPy array on every process (a collective when it spans
     processes: every process must call it)."""
@@ -135,4 +182,5 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-__all__ = ["global_batch", "initialize_distributed", "launch_kind", "stage_mesh", "to_host"]
+__all__ = ["device_rows", "global_batch", "initialize_distributed", "launch_kind", "place_model", "replicated_rows",
+           "stage_mesh", "to_host", "traced_on"]

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from m2d_jax.artifacts import Provenance, check_outputs, file_sha256, write_outputs
+from m2d_jax.artifacts import (Provenance, check_outputs, file_sha256, is_primary_process, sync_processes,
+                               write_outputs)
 from m2d_jax.calibration import CalibrationStats
 from m2d_jax.convert import ConversionRecipe
 from m2d_jax.prune import DEFAULT_AXES, DEFAULT_MIN_FRACTION, PruneReport
@@ -95,7 +96,7 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
     processes shard ``shard_index`` of ``shard_count`` (combine the shards' results with ``combine_stats``).
     ``mesh`` (a ``Mesh`` or axis sizes; default in a multi-process run: all devices on ``fsdp``,
     ``distributed.stage_mesh``) imports the teacher sharded onto it and splits every batch over it; the statistics
-    are those of the whole batch on every process, and process 0 writes ``out``.
+    are those of the whole batch on every process, and process 0 writes ``out`` (the others wait for it).
     """
     from m2d_jax.calibration import calibrate, save_stats
     from m2d_jax.distributed import stage_mesh
@@ -122,6 +123,7 @@ def calibrate_files(model_path: str | Path, data_files: Sequence[str | Path], ou
                                           "data_files": [str(Path(f).absolute()) for f in data_files]})
     if out is not None:
         save_stats(stats, out, overwrite=overwrite)
+        sync_processes(f"m2d calibrate: wrote {out}")  # multi-host: nobody reads ``out`` before process 0 wrote it
     return stats
 
 
@@ -166,13 +168,23 @@ def select_from_files(stats_paths: str | Path | Sequence[str | Path], scoring: s
     selection = select_experts(stats, scoring, num_selected, **options)
     if out is not None:
         save_selection(selection, out, overwrite=overwrite)
+        sync_processes(f"m2d score: wrote {out}")  # multi-host: process 0 writes it, the others wait for it
     return selection
 
 
-def _write_student(student, out, hf_out, provenance: Provenance, overwrite: bool, progress: bool) -> Path:
-    """The student checkpoint at ``out`` and, if given, its HF export at ``hf_out``: both or neither."""
+def _write_student(student, out, hf_out, provenance: Provenance, overwrite: bool, progress: bool, mesh=None) -> Path:
+    """The student checkpoint at ``out`` and, if given, its HF export at ``hf_out``: both or neither.
+
+    ``mesh`` (a ``Mesh`` or axis sizes; default in a multi-process run: all devices on ``fsdp``,
+    ``distributed.stage_mesh``): the student, built whole on every process, is placed on it first, so every
+    process writes its own shards of the checkpoint (Orbax) and process 0 the HF files."""
     from m2d_jax import checkpoint
+    from m2d_jax.distributed import place_model, stage_mesh
     from m2d_jax.hf.export import export_model
+
+    mesh = stage_mesh(mesh)
+    if mesh is not None:
+        place_model(student, mesh)
 
     metadata = provenance.to_dict()
     write_outputs({out: lambda path: checkpoint.save_model(student, path, metadata),
@@ -185,9 +197,12 @@ def convert_checkpoint(model_path: str | Path, stats_paths: str | Path | Sequenc
                        recipe: ConversionRecipe, out: str | Path, hf_out: str | Path | None = None,
                        selection: str | Path | Selection | None = None, scoring: str | None = None,
                        num_selected: int | None = None, scoring_options: dict | None = None,
-                       dtype: str = "float32", overwrite: bool = False, progress: bool = True) -> Path:
+                       dtype: str = "float32", overwrite: bool = False, progress: bool = True, mesh=None) -> Path:
     """``m2d convert``: the dense student of the teacher at ``model_path`` as an m2d_jax checkpoint at ``out`` (and
     an HF directory at ``hf_out``: both or neither are written). Returns ``out``.
+
+    Multi-host: every process converts (the same inputs give the same student on each), the student is placed on
+    ``mesh`` (see ``_write_student``) and written once.
 
     The experts come from ``selection`` (a selection file or a ``Selection`` made from these statistics), or are
     selected here with ``scoring`` (default ``DEFAULT_SCORING``), ``num_selected`` (K) and ``scoring_options``.
@@ -213,14 +228,14 @@ def convert_checkpoint(model_path: str | Path, stats_paths: str | Path | Sequenc
     selection.check_stats(stats)
     teacher = m2d_jax.from_pretrained(model_path, dtype=dtype)
     plans = conversion_plans(teacher, stats, selection, recipe)
-    student = build_dense_student(teacher, plans, recipe.groups, progress)
+    student = build_dense_student(teacher, plans, recipe.groups, progress and is_primary_process())
     layers = {str(layer): {"groups": [list(g) for g in plan.groups], "scales": plan.scales.tolist()}
               for layer, plan in plans.items()}
     provenance = Provenance("dense_student", **source_provenance(model_path), stats_sha256=stats.digest(),
                             selection=selection.to_dict(), recipe=recipe.to_dict(),
                             details={"family": student.config.family, "teacher_family": teacher.config.family,
                                      "layers": layers})
-    saved = _write_student(student, out, hf_out, provenance, overwrite, progress)
+    saved = _write_student(student, out, hf_out, provenance, overwrite, progress, mesh)
     log.info("converted %s -> %s (K=%d, k=%d, %s/%s/%s) in %.1fs", model_path, saved, selection.num_selected,
              recipe.groups, selection.scoring, recipe.grouping, recipe.dp_scaling, time.perf_counter() - started)
     return saved
@@ -228,9 +243,10 @@ def convert_checkpoint(model_path: str | Path, stats_paths: str | Path | Sequenc
 
 def random_ffn_checkpoint(model_path: str | Path, groups: int, out: str | Path, hf_out: str | Path | None = None,
                           dtype: str = "float32", seed: int = 0, overwrite: bool = False,
-                          progress: bool = True) -> Path:
+                          progress: bool = True, mesh=None) -> Path:
     """``m2d convert --random-ffn``: the random-FFN baseline of the teacher at ``model_path`` (student architecture
-    of k = ``groups`` groups, teacher attention and embeddings, fresh FFN) at ``out`` (and ``hf_out``)."""
+    of k = ``groups`` groups, teacher attention and embeddings, fresh FFN) at ``out`` (and ``hf_out``); ``mesh`` as
+    for ``convert_checkpoint``."""
     import m2d_jax
     from m2d_jax.convert import convert_random_ffn
 
@@ -240,7 +256,7 @@ def random_ffn_checkpoint(model_path: str | Path, groups: int, out: str | Path, 
     provenance = Provenance("random_ffn", **source_provenance(model_path),
                             recipe={"groups": int(groups), "seed": seed, "init_std": 0.02},
                             details={"family": student.config.family, "teacher_family": teacher.config.family})
-    return _write_student(student, out, hf_out, provenance, overwrite, progress)
+    return _write_student(student, out, hf_out, provenance, overwrite, progress, mesh)
 
 
 def prune_dense_checkpoint(model_path: str | Path, data_files: Sequence[str | Path], out: str | Path, *,
@@ -249,12 +265,13 @@ def prune_dense_checkpoint(model_path: str | Path, data_files: Sequence[str | Pa
                            min_fraction: float = DEFAULT_MIN_FRACTION, seq_len: int = 2048, num_seqs: int = 512,
                            batch_size: int = 8, seed: int = 0, tokenizer_dir: str | Path | None = None,
                            text_field: str = "text", dtype: str = "float32", overwrite: bool = False,
-                           progress: bool = True) -> tuple[Path, PruneReport]:
+                           progress: bool = True, mesh=None) -> tuple[Path, PruneReport]:
     """``m2d prune-dense``: the dense teacher at ``model_path`` pruned to ``target_params`` parameters, or to the
     total parameter count of the checkpoint ``params_of`` (e.g. an MoE-converted student), with importance measured
     on ``num_seqs`` calibration windows of ``seq_len`` tokens of ``data_files`` (docs/METHOD.md §17).
     Writes an m2d_jax checkpoint at ``out`` (and an HF directory at ``hf_out``: both or neither); the target is
-    checked against the teacher's config before any weight or text is read. Returns ``(out, PruneReport)``."""
+    checked against the teacher's config before any weight or text is read; ``mesh`` as for ``convert_checkpoint``.
+    Returns ``(out, PruneReport)``."""
     import m2d_jax
     from m2d_jax.errors import PruneError
     from m2d_jax.info import load_config, summarize
@@ -282,7 +299,7 @@ def prune_dense_checkpoint(model_path: str | Path, data_files: Sequence[str | Pa
                             details={"family": pruned.config.family,
                                      "data_files": [str(Path(f).absolute()) for f in data_files],
                                      **report.to_dict()})
-    saved = _write_student(pruned, out, hf_out, provenance, overwrite, progress)
+    saved = _write_student(pruned, out, hf_out, provenance, overwrite, progress, mesh)
     log.info("pruned %s -> %s: %d -> %d parameters (target %d) in %.1fs", model_path, saved, report.teacher_params,
              report.params, report.target_params, time.perf_counter() - started)
     return saved, report

@@ -88,8 +88,10 @@ def test_evaluate_tasks_summary_json_and_cli(tmp_path, task_dir, local_tasks, ca
     two_shot = evaluate_tasks(lm, ["m2d_test_mc"], num_fewshot=2, include_path=task_dir, include_defaults=False)
     assert two_shot["tasks"]["m2d_test_mc"]["num_fewshot"] == 2
 
+    # on a mesh (gpu-1x8-h100: the 8 test devices on fsdp, 8 rows per batch): the unsharded result
     assert main(["eval", "tasks", "--model", str(ckpt), "--tasks", "m2d_test_mc", "--include-path", str(task_dir),
-                 "--local-tasks-only", "--batch-size", "4", "--output", str(tmp_path / "cli.json")]) == 0
+                 "--local-tasks-only", "--batch-size", "8", "--mesh", "gpu-1x8-h100",
+                 "--output", str(tmp_path / "cli.json")]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("m2d_test_mc"))
     assert f"{mc['value']:.4f}" in line
 

@@ -1,7 +1,8 @@
 """Two processes on localhost (``jax.distributed`` through the JAX_* launch variables, 2 fake CPU devices each, gloo
-collectives) run calibration, 3 distillation steps, perplexity and the HF export on one 4-device mesh spanning both:
-statistics, losses, perplexity and exported weights equal the same mesh in one process, and exactly one set of
-files is written (by process 0, or collectively by Orbax)."""
+collectives) run calibration, conversion, 3 distillation steps, perplexity, the HF export, a local lm-eval task and
+greedy generation on one 4-device mesh spanning both: statistics, converted and exported weights, losses, perplexity,
+task results and generated tokens equal the same mesh in one process, and exactly one set of files is written (by
+process 0, or collectively by Orbax)."""
 
 import json
 from pathlib import Path
@@ -12,12 +13,14 @@ import pytest
 
 from conftest import corpus_documents
 from distill_helpers import build_models
+from eval_support import write_task_yamls
+from m2d_jax import checkpoint
 from m2d_jax.calibration import load_stats
 from m2d_jax.distributed import launch_kind
 from m2d_jax.errors import MeshError
 from m2d_jax.hf import SafetensorsCheckpoint
 from multihost_worker import run_stages
-from test_multiprocess import launch_two_processes
+from test_multiprocess import launch_two_processes, student_params
 
 WORKER = Path(__file__).parent / "multihost_worker.py"
 
@@ -28,14 +31,20 @@ def _two_processes(models: dict, out: Path) -> list[dict]:
     return launch_two_processes(WORKER, job)
 
 
+# directories whose contents are named per process or per run (counted by the directory): Orbax's per-step
+# checkpoint contents and the students' Orbax parameters, by (leading path parts, depth of their contents)
+PER_PROCESS = ((("distill", "checkpoints"), 4), (("distill", "student", "params"), 4), (("converted", "params"), 3))
+
+
 def _files(root: Path) -> set[str]:
-    """Every file and directory under ``root`` (relative), hidden temporaries included; Orbax's per-step checkpoint
-    contents and tensorboard event files (named by host and time) are counted by their directories."""
+    """Every file and directory under ``root`` (relative), hidden temporaries included; the contents of
+    ``PER_PROCESS`` directories and tensorboard event files (named by host and time) are counted by their
+    directories."""
     names = set()
     for p in root.rglob("*"):
         rel = p.relative_to(root)
-        if rel.parts[:2] == ("distill", "checkpoints") and len(rel.parts) > 3 or "tensorboard" in rel.parts[:2] \
-                and len(rel.parts) > 2 or rel.parts[:3] == ("distill", "student", "params") and len(rel.parts) > 3:
+        if any(rel.parts[:len(lead)] == lead and len(rel.parts) >= depth for lead, depth in PER_PROCESS) \
+                or "tensorboard" in rel.parts[:2] and len(rel.parts) > 2:
             continue
         names.add(str(rel))
     return names
@@ -51,6 +60,7 @@ def test_two_processes_run_every_stage_like_one(tmp_path):
     models = build_models(tmp_path / "models")
     models["eval"] = tmp_path / "models" / "eval.txt"  # a few hundred tokens: 6 batches of 4 windows
     models["eval"].write_text("\n\n".join(corpus_documents(3, max_chars=300)))
+    models["tasks"] = write_task_yamls(tmp_path / "tasks")  # local lm-eval tasks (m2d_test_mc: 6 questions)
     one = run_stages(models, tmp_path / "one", jax.devices()[:4])
     two = _two_processes(models, tmp_path / "two")
 
@@ -61,6 +71,11 @@ def test_two_processes_run_every_stage_like_one(tmp_path):
         np.testing.assert_allclose(r["loss"]["loss"], one["loss"]["loss"], rtol=1e-5)
         np.testing.assert_allclose(r["ppl"]["ppl"], one["ppl"]["ppl"], rtol=1e-5)
         assert r["ppl"]["tokens"] == one["ppl"]["tokens"] and r["tokens"] == one["tokens"]
+        assert r["generated"] == one["generated"] and all(r["generated"])  # greedy tokens, 4 prompts
+        assert all(greedy for _, greedy in r["scored"])  # the scoring forward agrees with the KV-cache decoding
+        np.testing.assert_allclose([s for s, _ in r["scored"]], [s for s, _ in one["scored"]], rtol=1e-5)
+        assert r["tasks"]["acc,none"] == one["tasks"]["acc,none"] and r["tasks"] == two[0]["tasks"]
+        np.testing.assert_allclose(r["tasks"]["acc_norm,none"], one["tasks"]["acc_norm,none"], rtol=1e-6)
 
     want, got = load_stats(tmp_path / "one" / "stats.npz"), load_stats(tmp_path / "two" / "stats.npz")
     for name in want.sums._fields:  # float32 per-batch sums, reduced in another order across 2 processes
@@ -72,10 +87,19 @@ def test_two_processes_run_every_stage_like_one(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by process 0
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in want_rows], rtol=1e-5)
 
-    exported, reference = _tensors(tmp_path / "two" / "hf"), _tensors(tmp_path / "one" / "hf")
-    assert exported.keys() == reference.keys()
-    for key, value in reference.items():
-        np.testing.assert_allclose(exported[key], value, rtol=2e-5, atol=2e-6, err_msg=key)
+    for hf_dir in ("hf", "converted_hf"):  # the distilled student's export; the converted student's
+        exported, reference = _tensors(tmp_path / "two" / hf_dir), _tensors(tmp_path / "one" / hf_dir)
+        assert exported.keys() == reference.keys()
+        for key, value in reference.items():
+            np.testing.assert_allclose(exported[key], value, rtol=2e-5, atol=2e-6, err_msg=f"{hf_dir}: {key}")
+    converted, want_converted = (student_params(tmp_path / run / "converted") for run in ("two", "one"))  # Orbax
+    assert converted.keys() == want_converted.keys()
+    for key, value in want_converted.items():  # the same experts; DP scales from float32-reduced statistics
+        np.testing.assert_allclose(converted[key], value, rtol=2e-5, atol=2e-6, err_msg=key)
+    selections = [checkpoint.load_metadata(tmp_path / run / "converted")["selection"] for run in ("two", "one")]
+    assert selections[0]["selected"] == selections[1]["selected"]
+    assert json.loads((tmp_path / "two" / "tasks.json").read_text())["tasks"] == \
+        json.loads((tmp_path / "one" / "tasks.json").read_text())["tasks"]
     # one file set: the same files as one process writes, no temporaries, no per-process copies
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
     assert not [n for n in _files(tmp_path / "two") if ".tmp" in n or ".staged" in n]

@@ -23,8 +23,9 @@ import numpy as np
 
 from m2d_jax.calibration.sampling import gram_positions, gram_slots
 from m2d_jax.calibration.types import StatSums
-from m2d_jax.distributed import to_host
+from m2d_jax.distributed import device_rows, to_host, traced_on
 from m2d_jax.models import all_expert_outputs
+from m2d_jax.models.layers import constrain
 
 
 def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
@@ -41,7 +42,9 @@ def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
     norm = jnp.where(keep, jnp.einsum("tk,tke->te", routed_norm, onehot), 0.0)  # [T, E], 0 where not selected
     logits = jnp.where(keep, routing.logits.astype(jnp.float32), 0.0)  # [T, E]
 
-    experts, act = view.experts, view.act
+    # the expert weights gathered once per layer (whole but for the expert axis), not once per Gram chunk
+    experts = jax.tree.map(lambda w: constrain(w, ("exp",) + (None,) * (w.ndim - 1)), view.experts)
+    act = view.act
     x_sub = view.x[gram_index].reshape(-1, chunk, view.x.shape[-1])  # [S/chunk, chunk, d]
     mask_sub = gram_valid.astype(jnp.float32).reshape(-1, chunk)  # [S/chunk, chunk]
     real = jnp.ones((e,), bool) if view.real_experts is None else view.real_experts  # [E]: padded experts give 0
@@ -49,8 +52,12 @@ def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
     def gram_chunk(carry, xs):
         gram, out_sum, out_norm = carry
         xc, mc = xs  # [chunk, d], [chunk]
+        # the chunk's tokens split like a batch (under a sharded step): every device runs the experts on its tokens
+        # with the weights gathered, instead of all-reducing partial [E, chunk, d] outputs over the sharded d
+        xc, mc = constrain(xc, ("batch", "embed")), constrain(mc, ("batch",))
         f = jnp.where(real[:, None, None] & (mc[None, :, None] > 0),
                       all_expert_outputs(experts, act, xc).astype(jnp.float32), 0.0)  # [E, chunk, d]
+        f = constrain(f, ("exp", "batch", "embed"))
         flat = f.reshape(f.shape[0], -1)  # [E, chunk * d]: one plain GEMM (a 3-D contraction is transposed first)
         gram = gram + jnp.matmul(flat, flat.T, precision=hi)
         return (gram, out_sum + f.sum(1), out_norm + jnp.linalg.norm(f, axis=-1).sum(1)), None
@@ -76,29 +83,33 @@ def _layer_sums(view, valid, gram_index, gram_valid, chunk: int):
 
 
 @functools.lru_cache(maxsize=8)
-def observed_forward(graphdef, chunk: int):
+def observed_forward(graphdef, chunk: int, mesh=None):
     """The jitted calibration step of a model structure: ``run(state, input_ids, attention_mask, gram_index,
-    gram_valid) -> StatSums`` [num_moe_layers, ...] (``batch_sums`` runs it; ``m2d plan`` compiles it abstractly)."""
+    gram_valid) -> StatSums`` [num_moe_layers, ...] (``batch_sums`` runs it; ``m2d plan`` compiles it abstractly).
+    With a ``mesh`` it is traced under ``distributed.traced_on(mesh)``: every activation keeps the batch sharded."""
     from flax import nnx
 
     @jax.jit
     def run(state, input_ids, attention_mask, gram_index, gram_valid):
-        model = nnx.merge(graphdef, state)
-        valid = attention_mask.reshape(-1).astype(jnp.float32)  # [B*T]
-        observe = functools.partial(_layer_sums, valid=valid, gram_index=gram_index, gram_valid=gram_valid,
-                                    chunk=chunk)
-        _, observations = model.hidden_states(input_ids, attention_mask, observe=observe)
-        per_stack = [o for o in observations if o is not None]
-        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *per_stack)
+        with traced_on(mesh):
+            model = nnx.merge(graphdef, state)
+            valid = attention_mask.reshape(-1).astype(jnp.float32)  # [B*T]
+            observe = functools.partial(_layer_sums, valid=valid, gram_index=gram_index, gram_valid=gram_valid,
+                                        chunk=chunk)
+            _, observations = model.hidden_states(input_ids, attention_mask, observe=observe)
+            per_stack = [o for o in observations if o is not None]
+            return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *per_stack)
 
     return run
 
 
-def batch_sums(model, input_ids, attention_mask, gram_index, gram_valid, chunk: int = 256):
+def batch_sums(model, input_ids, attention_mask, gram_index, gram_valid, chunk: int = 256, mesh=None):
     """One jitted observed forward -> StatSums of float32 device arrays [num_moe_layers, ...].
 
-    input_ids/attention_mask [B, T]; gram_index [S] int (flattened b*T + t positions of the Gram subsample) and
-    gram_valid [S] (0 for unused slots); S must be a multiple of ``min(chunk, S)``.
+    input_ids/attention_mask [B, T] (host rows, or arrays already placed); gram_index [S] int (flattened b*T + t
+    positions of the Gram subsample) and gram_valid [S] (0 for unused slots); S must be a multiple of
+    ``min(chunk, S)``. With a ``mesh`` (the model's parameters placed on it) host rows are split over its batch axes
+    (``distributed.global_batch``) and the forward keeps every activation's batch sharded.
     """
     from flax import nnx
 
@@ -109,18 +120,18 @@ def batch_sums(model, input_ids, attention_mask, gram_index, gram_valid, chunk: 
     if len(gram_index) % chunk:
         raise ValueError(f"{len(gram_index)} Gram slots is not a multiple of the chunk {chunk}")
     graphdef, state = nnx.split(model)
-    return observed_forward(graphdef, chunk)(state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-                                      jnp.asarray(gram_index), jnp.asarray(gram_valid, jnp.int32))
-
+    ids, mask = (device_rows(x, mesh, np.int32) for x in (input_ids, attention_mask))
+    return observed_forward(graphdef, chunk, mesh)(state, ids, mask, jnp.asarray(gram_index),
+                                                   jnp.asarray(gram_valid, jnp.int32))
 
 
 def accumulate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], num_seqs: int,
-               gram_tokens: int, seed: int = 0, chunk: int = 256, progress=None, place=None) -> StatSums:
+               gram_tokens: int, seed: int = 0, chunk: int = 256, progress=None, mesh=None) -> StatSums:
     """Float64 host sums over ``batches`` of (input_ids [B, T], attention_mask [B, T], seq_ids [B]).
 
     ``num_seqs`` is the size of the whole calibration set (all shards), which fixes each sequence's Gram quota.
-    ``progress`` (a tqdm bar or None) is advanced by the valid tokens of each batch. ``place(rows)`` puts a host
-    batch on the devices (e.g. sharded over a mesh: ``distributed.global_batch``; default: as is).
+    ``progress`` (a tqdm bar or None) is advanced by the valid tokens of each batch. ``mesh``: the teacher's mesh
+    (see ``batch_sums``; every process places its own rows of each batch).
     """
     c = model.config
     total = StatSums.zeros(len(c.moe_layers), c.moe.experts.num_experts, c.hidden_size)
@@ -135,12 +146,10 @@ def accumulate(model, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray
     for ids, mask, seq_ids in batches:
         slots = gram_slots(ids.shape[0], num_seqs, gram_tokens, ids.shape[1], chunk)
         index, valid = gram_positions(mask, seq_ids, num_seqs, gram_tokens, seed, slots)
-        placed = (ids, mask) if place is None else (place(ids), place(mask))
-        result = batch_sums(model, *placed, index, valid, chunk), int(np.asarray(mask).sum())
+        result = batch_sums(model, ids, mask, index, valid, chunk, mesh), int(np.asarray(mask).sum())
         if pending is not None:
             fetch(*pending)
         pending = result
     if pending is not None:
         fetch(*pending)
     return total
-

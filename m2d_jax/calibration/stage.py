@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
@@ -12,7 +11,6 @@ import numpy as np
 from m2d_jax.calibration.observe import accumulate
 from m2d_jax.calibration.sampling import calibration_batches
 from m2d_jax.calibration.types import FORMAT, CalibrationStats, config_hash
-from m2d_jax.distributed import global_batch
 from m2d_jax.models import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -54,9 +52,8 @@ def calibrate(teacher: CausalLM, windows: np.ndarray, gram_tokens: int = 32768, 
     start = time.perf_counter()
     quiet = not show_progress or jax.process_index() != 0  # one bar per run, on process 0
     with tqdm(total=shard_tokens, unit="tok", unit_scale=True, desc="calibrate", disable=quiet) as bar:
-        place = None if mesh is None else functools.partial(global_batch, mesh=mesh, field="batch_size")
         sums = accumulate(teacher, calibration_batches(windows, batch_size, shard_index, shard_count), num_seqs,
-                          gram_tokens, seed, gram_chunk, bar, place)
+                          gram_tokens, seed, gram_chunk, bar, mesh)
     seconds = time.perf_counter() - start
     logger.info("calibration: %d tokens in %.1f s (%.0f tokens/s, incl. compile)", sums.tokens[0], seconds,
                 sums.tokens[0] / max(seconds, 1e-9))

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m2d_jax.eval.scoring import bucket_for, length_buckets, to_host
+from m2d_jax.distributed import replicated_rows, to_host
+from m2d_jax.eval.scoring import bucket_for, length_buckets
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,14 @@ def _decode_step(graphdef, state, cache, tokens, key, temperature, top_p):
 def generate_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                     top_p: float = 1.0, eos_ids: Sequence[int] = (), stop: Callable[[list[int]], bool] | None = None,
                     batch_size: int | None = None, pad_id: int = 0, seed: int = 0,
-                    min_bucket: int = 32) -> list[list[int]]:
+                    min_bucket: int = 32, mesh=None) -> list[list[int]]:
     """New tokens for each prompt (token ids), at most ``max_new_tokens``.
 
     A row stops after an ``eos_ids`` token (not included in its output) or when ``stop(row_tokens)`` is true (the
     tokens so far included; e.g. an ``until`` string appeared). ``batch_size`` pads the batch to a fixed size.
+    With a ``mesh`` (the model's parameters placed on it, e.g. ``pipeline.load_model``; multi-host: every process
+    calls this with the same prompts) the prompts, cache and sampling key are replicated on its devices and every
+    process decodes the same tokens.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -81,12 +85,14 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     ids[len(prompts):, -1], mask[len(prompts):, -1] = pad_id, 1  # filler rows: one token, output ignored
 
     graphdef, state = nnx.split(model)
-    temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
-    key = jax.random.key(seed)
-    cache = model.init_cache(rows, cache_len)
+    temperature, top_p = np.float32(temperature), np.float32(top_p)
+    place = jnp.asarray if mesh is None else functools.partial(replicated_rows, mesh=mesh)
+    key = jax.random.wrap_key_data(place(np.asarray(jax.random.key_data(jax.random.key(seed)))))
+    cache = jax.tree.map(lambda a: place(np.zeros(a.shape, a.dtype)),
+                         jax.eval_shape(lambda: model.init_cache(rows, cache_len)))  # the empty cache
     key, sub = jax.random.split(key)
     start = time.perf_counter()
-    tokens, cache = _prefill(graphdef, state, cache, jnp.asarray(ids), jnp.asarray(mask), sub, temperature, top_p)
+    tokens, cache = _prefill(graphdef, state, cache, place(ids), place(mask), sub, temperature, top_p)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), bool)
     eos = set(int(e) for e in eos_ids)

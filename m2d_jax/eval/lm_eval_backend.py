@@ -10,8 +10,10 @@ handful of shapes.
 
 Multi-host: every process runs the same requests in lock step (the model is one SPMD program across hosts, and
 device results are all-gathered to the host by ``scoring.to_host``). lm-eval therefore sees ``rank`` 0 and
-``world_size`` 1 on every process (a nonzero rank would make it skip documents); callers write results from JAX
-process 0 only (``m2d eval tasks`` does).
+``world_size`` 1 on every process (a nonzero rank would make it skip documents); results are written once, by JAX
+process 0 (``artifacts.write_json``, as ``m2d eval tasks`` does). ``mesh`` (axis sizes or a mesh config name;
+default in a multi-process run: every device on ``fsdp``, ``distributed.stage_mesh``) imports the model sharded onto
+it, and the scoring forward keeps each batch sharded over it (``batch_size`` must divide over its batch axes).
 """
 
 from __future__ import annotations
@@ -47,20 +49,26 @@ class M2DLM(TemplateLM):
 
     def __init__(self, pretrained, dtype: str = "float32", batch_size=DEFAULT_BATCH_SIZE, max_length=None,
                  max_gen_toks: int = 256, tokenizer=None, prefix_token_id=None, add_bos_token=None,
-                 min_bucket: int = 32, seed: int = 0, moe_dispatch: str | None = None, **unused):
+                 min_bucket: int = 32, seed: int = 0, moe_dispatch: str | None = None, mesh=None, **unused):
         super().__init__()
         import transformers
 
-        from m2d_jax import from_pretrained
+        from m2d_jax.distributed import stage_mesh
+        from m2d_jax.pipeline import load_model
 
         ignored = {k: v for k, v in unused.items() if k not in ("device", "max_batch_size")}
         if ignored:
             raise ValueError(f"m2d backend: unknown model_args {sorted(ignored)}")
         overrides = {"moe_dispatch": moe_dispatch} if moe_dispatch else {}
+        if isinstance(mesh, str):  # model_args: a mesh config name (configs/mesh/)
+            from m2d_jax.mesh import load_mesh_config
+
+            mesh = load_mesh_config(mesh).running_mesh_sizes()
         if isinstance(pretrained, (str, Path)):
-            self.model = from_pretrained(pretrained, dtype=dtype, **overrides)
+            self.mesh = stage_mesh(mesh)  # multi-host default: every device on fsdp
+            self.model = load_model(pretrained, dtype, self.mesh, **overrides)
         else:
-            self.model = pretrained
+            self.mesh, self.model = mesh, pretrained  # a loaded model: already placed on ``mesh`` (or None)
         tok_source = tokenizer or (pretrained if isinstance(pretrained, (str, Path)) else None)
         if tok_source is None:
             raise ValueError("m2d backend: pass tokenizer=DIR when pretrained is a loaded model")
@@ -168,7 +176,7 @@ class M2DLM(TemplateLM):
                 for row, i in enumerate(batch):  # right padding: causal attention keeps real positions exact
                     inp, tgt, _ = sequences[i]
                     inputs[row, :len(inp)], targets[row, :len(tgt)], mask[row, :len(inp)] = inp, tgt, 1
-                logprob, greedy = target_logprobs(self.model, inputs, targets, mask)
+                logprob, greedy = target_logprobs(self.model, inputs, targets, mask, mesh=self.mesh)
                 padded_tokens += inputs.size
                 for row, i in enumerate(batch):
                     n_inp, n_cont = len(sequences[i][0]), sequences[i][2]
@@ -234,7 +242,8 @@ class M2DLM(TemplateLM):
 
             outs = generate_tokens(self.model, prompts, max_gen_toks, temperature=temperature,
                                    top_p=float(kwargs.get("top_p") or 1.0), eos_ids=[self.eot_token_id], stop=stop,
-                                   batch_size=self.batch_size_per_call, pad_id=self.eot_token_id, seed=self.seed)
+                                   batch_size=self.batch_size_per_call, pad_id=self.eot_token_id, seed=self.seed,
+                                   mesh=self.mesh)
             for context, gen_kwargs, row in zip(contexts, all_kwargs, outs):
                 text = postprocess_generated_text(self.tok_decode(row), stop=until, think_end_token=None)
                 results.append(text)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from m2d_jax.data import DataError
-from m2d_jax.distributed import global_batch, stage_mesh
+from m2d_jax.distributed import stage_mesh
 from m2d_jax.eval.scoring import target_logprobs
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,9 @@ def perplexity(model, tokens: np.ndarray, seq_len: int = 2048, stride: int | Non
 
     Windows are batched as [batch_size, seq_len] (the last window right-padded, the last batch padded with empty
     rows), so the forward compiles once. With a ``mesh`` (the model's parameters placed on it), each batch is split
-    over the mesh's batch axes, every process placing its own rows (``distributed.global_batch``); every process
-    gets the log-probabilities of the whole batch and so the same result.
+    over the mesh's batch axes, every process placing its own rows (``distributed.global_batch``), and the forward
+    keeps every activation's batch sharded; every process gets the log-probabilities of the whole batch and so the
+    same result.
     """
     stride = seq_len if stride is None else stride
     max_pos = model.config.max_position_embeddings
@@ -100,10 +101,7 @@ def perplexity(model, tokens: np.ndarray, seq_len: int = 2048, stride: int | Non
     for i in tqdm(range(0, num_rows, batch_size), desc="perplexity", unit="batch",
                   disable=not progress or jax.process_index() != 0):
         rows = slice(i, i + batch_size)
-        batch = [inputs[rows], targets[rows], mask[rows]]
-        if mesh is not None:
-            batch = [global_batch(x, mesh, "batch_size") for x in batch]
-        logprob, _ = target_logprobs(model, *batch)
+        logprob, _ = target_logprobs(model, inputs[rows], targets[rows], mask[rows], mesh=mesh)
         nll -= float(np.sum(logprob.astype(np.float64), where=scored[rows]))
     count = int(scored.sum())
     elapsed = time.perf_counter() - start

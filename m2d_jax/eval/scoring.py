@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m2d_jax.distributed import to_host
+from m2d_jax.distributed import device_rows, to_host, traced_on
+from m2d_jax.models.layers import constrain
 
 LOGITS_CHUNK = 2048  # tokens per LM-head chunk: bounds the float32 logits buffer to LOGITS_CHUNK x vocab
 
@@ -30,35 +31,36 @@ def bucket_for(length: int, buckets: list[int]) -> int:
     raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
-def _target_logprobs(graphdef, state, inputs, targets, attention_mask, chunk):
-    model = nnx.merge(graphdef, state)
-    hidden = model.hidden_states(inputs, attention_mask)  # [B, T, d]
-    b, t, d = hidden.shape
-    n = b * t
-    chunk = min(chunk, n)
-    pad = -n % chunk
-    h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)  # [chunks, C, d]
-    y = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)  # [chunks, C]
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "mesh"))
+def _target_logprobs(graphdef, state, inputs, targets, attention_mask, chunk, mesh=None):
+    from m2d_jax.distill.loss import _split_chunks
 
-    def score(args):
-        hc, yc = args
-        logits = model.logits(hc).astype(jnp.float32)  # [C, V]
-        target = jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
-        return target - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == yc
+    with traced_on(mesh):  # with a mesh: every activation keeps the batch sharded (distributed.traced_on)
+        model = nnx.merge(graphdef, state)
+        hidden = model.hidden_states(inputs, attention_mask)  # [B, T, d]
+        b, t, _ = hidden.shape
+        positions = max(1, min(chunk // b, t))  # sequence positions per LM-head chunk: about ``chunk`` tokens
 
-    logprob, greedy = jax.lax.map(score, (h, y))
-    return logprob.reshape(-1)[:n].reshape(b, t), greedy.reshape(-1)[:n].reshape(b, t)
+        def score(args):
+            hc, yc = args  # [B, c, d], [B, c]
+            logits = constrain(model.logits(hc).astype(jnp.float32), ("batch", "seq", "vocab"))  # [B, c, V]
+            target = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
+            return target - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == yc
+
+        # [chunks, B, c] -> [B, T]
+        logprob, greedy = jax.lax.map(score, (_split_chunks(hidden, positions), _split_chunks(targets, positions)))
+        return tuple(jnp.moveaxis(x, 0, 1).reshape(b, -1)[:, :t] for x in (logprob, greedy))
 
 
-def target_logprobs(model, inputs, targets, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+def target_logprobs(model, inputs, targets, attention_mask, mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """log p(targets[b, t] | inputs[b, :t+1]) float32 [B, T] and whether each target is the argmax, bool [B, T].
 
-    One compilation per (B, T); the LM head runs on chunks of ``LOGITS_CHUNK`` tokens so the full float32
-    [B, T, vocab] logits are never materialised.
+    One compilation per (B, T); the LM head runs on sequence chunks of about ``LOGITS_CHUNK`` tokens so the full
+    float32 [B, T, vocab] logits are never materialised. With a ``mesh`` (the model's parameters placed on it), host
+    rows are split over the mesh's batch axes (``distributed.global_batch``; B must divide over them), the forward
+    keeps every activation's batch sharded, and every process gets the whole [B, T] result.
     """
     graphdef, state = nnx.split(model)
-    logprob, greedy = _target_logprobs(graphdef, state, jnp.asarray(inputs, jnp.int32),
-                                       jnp.asarray(targets, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-                                       chunk=LOGITS_CHUNK)
+    batch = [device_rows(x, mesh, np.int32) for x in (inputs, targets, attention_mask)]
+    logprob, greedy = _target_logprobs(graphdef, state, *batch, chunk=LOGITS_CHUNK, mesh=mesh)
     return to_host(logprob), to_host(greedy)

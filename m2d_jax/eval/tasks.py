@@ -12,9 +12,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import jax
-
-from m2d_jax.artifacts import write_json
+from m2d_jax.artifacts import sync_processes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +56,14 @@ def check_tasks(tasks: Sequence[str], manager) -> None:
 def evaluate_tasks(model, tasks: Sequence[str], num_fewshot: int | None = None,
                    include_path: str | Path | None = None, include_defaults: bool = True, batch_size: int = 16,
                    dtype: str = "float32", limit: int | float | None = None, output: str | Path | None = None,
-                   seed: int = 0, **model_args) -> dict:
+                   seed: int = 0, mesh=None, **model_args) -> dict:
     """Run ``tasks`` through ``lm_eval.simple_evaluate`` on the ``m2d`` backend.
 
     ``model``: a checkpoint path or an ``M2DLM``. ``num_fewshot`` None = per-task defaults (``TASK_DEFAULTS``),
     else applied to every task. Returns {"tasks": {task: {metric, value, stderr, num_fewshot}}, "avg", "results"
-    (lm-eval's own per-task results)}, written as JSON to ``output`` when given.
+    (lm-eval's own per-task results)}, written as JSON to ``output`` when given (once, by process 0). ``mesh``:
+    the model's mesh when ``model`` is a path (see ``M2DLM``; multi-host: every process calls this the same way
+    and gets the same results).
     """
     import lm_eval
 
@@ -74,7 +74,8 @@ def evaluate_tasks(model, tasks: Sequence[str], num_fewshot: int | None = None,
         raise ValueError("no tasks given")
     manager = task_manager(include_path, include_defaults)
     check_tasks(tasks, manager)
-    lm = model if isinstance(model, M2DLM) else M2DLM(model, dtype=dtype, batch_size=batch_size, **model_args)
+    lm = model if isinstance(model, M2DLM) else M2DLM(model, dtype=dtype, batch_size=batch_size, mesh=mesh,
+                                                           **model_args)
     groups: dict[int | None, list[str]] = {}
     for task in tasks:
         shots = num_fewshot if num_fewshot is not None else TASK_DEFAULTS.get(task, (None, None))[0]
@@ -100,8 +101,9 @@ def evaluate_tasks(model, tasks: Sequence[str], num_fewshot: int | None = None,
                          "num_fewshot": shots_of.get(task)}
     result = {"tasks": summary, "avg": sum(s["value"] for s in summary.values()) / len(summary),
               "results": raw, "lm_eval_version": lm_eval.__version__}
-    if output is not None and jax.process_index() == 0:  # multi-host: every process has the results
+    if output is not None:  # multi-host: every process has the results, process 0 writes them, the others wait
         write_json(result, output, overwrite=True)
+        sync_processes(f"m2d eval tasks: wrote {output}")
     return result
 
 

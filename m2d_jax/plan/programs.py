@@ -9,6 +9,7 @@ forward ``eval.scoring._target_logprobs`` — so what is compiled here is what t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -136,7 +137,7 @@ def calibrate_program(teacher: ModelConfig, runtime: RuntimeConfig, mesh: Mesh, 
     slots = gram_slots(batch, num_seqs, gram_tokens, seq, gram_chunk)
     chunk = max(1, min(gram_chunk, slots))
     gram = jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=replicated(mesh))
-    run = observed_forward(graphdef, chunk)
+    run = observed_forward(graphdef, chunk, mesh)
     ids = _tokens(mesh, batch, seq)
     return Program("calibrate", lambda: run.lower(state, ids, ids, gram, gram),
                    {"teacher_params": per_device_bytes(state), "batch": 2 * per_device_bytes(ids)},
@@ -149,6 +150,7 @@ def eval_program(model: ModelConfig, runtime: RuntimeConfig, mesh: Mesh, batch: 
 
     graphdef, state = abstract_state(model, runtime, mesh)
     ids = _tokens(mesh, batch, seq)
-    return Program("eval", lambda: _target_logprobs.lower(graphdef, state, ids, ids, ids, chunk=LOGITS_CHUNK),
+    lower = functools.partial(_target_logprobs.lower, graphdef, state, ids, ids, ids, chunk=LOGITS_CHUNK, mesh=mesh)
+    return Program("eval", lower,
                    {"model_params": per_device_bytes(state), "batch": 3 * per_device_bytes(ids)},
                    {"params": state}, _batch_shards(mesh))
