@@ -1,6 +1,6 @@
 """The building blocks' backward passes keep little and stay exact: attention (additive mask bias, softmax written
-in terms of its output), RMSNorm and the SwiGLU unit (rematerialised) equal plain references under autodiff, and
-what they save for the backward pass is what the gradient needs."""
+in terms of its output), RMSNorm and the SwiGLU unit (rematerialised), Linear (its kernel gradient as one 2-D GEMM)
+equal plain references under autodiff, and what they save for the backward pass is what the gradient needs."""
 
 import contextlib
 import io
@@ -14,7 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from m2d_jax.models.config import FFNSpec
-from m2d_jax.models.layers import RMSNorm, dot_product_attention, glu_activation, make_attention_mask
+from m2d_jax.models.layers import Linear, RMSNorm, dot_product_attention, glu_activation, make_attention_mask
 
 B, T, KV, G, D = 2, 12, 2, 3, 8
 
@@ -110,3 +110,27 @@ def test_glu_gradients_equal_the_formula_and_keep_only_gate_and_up(activation):
     kept = saved_residuals(lambda g, u: jnp.sum(phi(g, u) * ct), gate, up)  # ct: the constant
     assert sorted(origin for _, origin in kept) == ["from a constant", "from the argument g", "from the argument u"], \
         kept  # no sigmoid, no SiLU, no clamps
+
+
+@pytest.mark.parametrize("in_shape, out_shape", [((16,), (3, 8)), ((3, 8), (16,))])
+def test_linear_gradients_equal_the_contraction(in_shape, out_shape):
+    """Multi-axis features (q_proj-like [d] -> [H, D], o_proj-like [H, D] -> [d]) with tokens on two axes: the
+    custom kernel gradient (one 2-D GEMM over the flattened tokens) equals autodiff of the plain contraction."""
+    rng = np.random.default_rng(3)
+    layer = Linear(in_shape, out_shape, ("a",) * len(in_shape), ("b",) * len(out_shape), True, jnp.float32,
+                   nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+    x = jnp.asarray(rng.standard_normal((2, 5) + in_shape), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((2, 5) + out_shape), jnp.float32)
+    n_in = len(in_shape)
+
+    def contraction(x, params):
+        dims = (tuple(range(2, 2 + n_in)), tuple(range(n_in)))
+        return jax.lax.dot_general(x, params["kernel"][...], (dims, ((), ()))) + params["bias"][...]
+
+    module = lambda x, params: nnx.merge(graphdef, params)(x)  # noqa: E731
+    np.testing.assert_allclose(module(x, params), contraction(x, params), rtol=1e-6, atol=1e-6)
+    got, want = (jax.jit(jax.grad(lambda x, p: jnp.sum(f(x, p) * ct), (0, 1)))(x, params)
+                 for f in (module, contraction))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
