@@ -15,6 +15,8 @@ side (transformers models with their default implementations, as in the eager lo
 - the optimizer: global-norm clip + AdamW on the student's gradients;
 - the whole train step (``m2d_jax.distill.train.make_train_step`` / the eager loop of ``distill_step.py``).
 
+XLA's own counts of the student's forward and forward + backward (temporaries, bytes accessed) follow the table.
+
 Then the GEMM table: every matmul shape of the step (forward, and both gradient GEMMs of the student's), timed on
 XLA:CPU (``jnp.matmul`` jitted) and torch (MKL), and the step's GEMM time on each side if every matmul ran at that
 side's measured rate. Their ratio is the GEMM-bound limit of the throughput ratio. Rounds alternate the two sides;
@@ -47,7 +49,18 @@ def best_of(fns: dict, reps: int) -> dict:
     return best
 
 
-def jax_pieces(t_dir, s_dir, batch, chunk: int) -> dict:
+def xla_counts(fn, *args) -> dict:
+    """XLA's own deterministic counts of a jitted ``fn`` compiled for ``args``: temporaries (buffer assignment) and
+    bytes accessed (cost analysis, which counts a while loop's body once: the scanned layers as one layer)."""
+    compiled = fn.lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"temp MiB": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20,
+            "bytes accessed MB": cost["bytes accessed"] / 1e6}
+
+
+def jax_pieces(t_dir, s_dir, batch, chunk: int) -> tuple[dict, dict]:
+    """({piece: timed call}, {student piece: xla_counts})."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -87,6 +100,8 @@ def jax_pieces(t_dir, s_dir, batch, chunk: int) -> dict:
         jax.block_until_ready(metrics)
 
     ready = jax.block_until_ready
+    counts = {"student forward": xla_counts(student_fwd, params, ids, mask),
+              "student forward + backward": xla_counts(student_bwd, params, ids, mask, cotangent)}
     return {
         "teacher forward": lambda: ready(teacher_fwd(teacher_params, ids, mask)),
         "student forward": lambda: ready(student_fwd(params, ids, mask)),
@@ -94,7 +109,7 @@ def jax_pieces(t_dir, s_dir, batch, chunk: int) -> dict:
         "loss forward + backward": lambda: ready(loss_grad(s_hidden, s_kernel, t_hidden, t_kernel, mask)),
         "optimizer (clip + AdamW)": lambda: ready(optimizer(grads, opt_state, params)),
         "whole train step": whole_step,
-    }
+    }, counts
 
 
 def torch_pieces(t_dir, s_dir, batch) -> dict:
@@ -221,7 +236,7 @@ def main():
     t_dir = make_hf_checkpoint(teacher_cfg, tmp / "teacher", seed=0, init_std=0.05)
     s_dir = make_hf_checkpoint(student_cfg, tmp / "student", seed=1, init_std=0.05)
     batch = batches(teacher_cfg["vocab_size"], args.batch, args.seq, 1)[0]
-    jax_fns, torch_fns = jax_pieces(t_dir, s_dir, batch, args.chunk), torch_pieces(t_dir, s_dir, batch)
+    (jax_fns, counts), torch_fns = jax_pieces(t_dir, s_dir, batch, args.chunk), torch_pieces(t_dir, s_dir, batch)
     interleaved = {f"{side} {name}": fn for name in jax_fns
                    for side, fn in (("jax", jax_fns[name]), ("torch", torch_fns[name]))}
     best = best_of(interleaved, args.reps)
@@ -242,6 +257,10 @@ def main():
     for name in jax_fns:
         j, t = best[f"jax {name}"], best[f"torch {name}"]
         print(f"| {name} | {j * 1e3:.1f} | {t * 1e3:.1f} | {t / j:.2f}x |")
+    print("\nXLA's counts of the separately compiled student pieces (deterministic; bytes accessed counts the layer "
+          "loop's body once):\n\n| piece | temporaries MiB | bytes accessed MB |\n|---|---|---|")
+    for name, c in counts.items():
+        print(f"| {name} | {c['temp MiB']:.1f} | {c['bytes accessed MB']:.1f} |")
 
     print("\n| GEMM | G x (M, K, N) | per step | XLA GFLOP/s | torch GFLOP/s | XLA / torch |")
     print("|---|---|---|---|---|---|")

@@ -223,8 +223,9 @@ def _tiny_lm(tie_word_embeddings, compute_dtype="float32", seed=0):
                                                                        (True, False, "bfloat16")])
 def test_objective_fused_equals_unfused_on_models(case, student_tied, teacher_tied, compute_dtype):
     """ForwardKLDistillation(fused=True) vs (fused=False) on CausalLM models: the loss and the gradient of every
-    student parameter (embedding included, tied or not). float32: rtol 1e-5; bf16 compute: within 3% of each
-    parameter's largest gradient entry."""
+    student parameter (embedding included, tied or not). float32: rtol 1e-5; bf16 compute: within 5% of each
+    parameter's largest gradient entry (on this tiny model with its enlarged weights bf16 compute itself is up to 20%
+    of that scale away from the float32 gradients, either loss; a wrong gradient is off by O(1))."""
     from flax import nnx
 
     from m2d_jax.distill.objectives import ForwardKLDistillation
@@ -247,7 +248,7 @@ def test_objective_fused_equals_unfused_on_models(case, student_tied, teacher_ti
     for ref, got in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
         scale = float(jnp.abs(ref).max())
         assert scale > 0
-        rtol, atol = (1e-5, 1e-6 * scale) if float32 else (0, 3e-2 * scale)
+        rtol, atol = (1e-5, 1e-6 * scale) if float32 else (0, 5e-2 * scale)
         np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol)
 
 
