@@ -87,11 +87,14 @@ def test_two_processes_run_every_stage_like_one(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by process 0
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in want_rows], rtol=1e-5)
 
-    for hf_dir in ("hf", "converted_hf"):  # the distilled student's export; the converted student's
+    # the distilled student's export, then the converted student's. After 3 AdamW steps an element whose gradient is
+    # near zero carries the float32 reduction-order noise of the 2-process sums amplified by Adam's 1 / sqrt(v): up to
+    # 5e-6 here; the bound is 1% of one step at the learning rate 3e-3, hence the trained weights' larger tolerance
+    for hf_dir, atol in (("hf", 3e-5), ("converted_hf", 2e-6)):
         exported, reference = _tensors(tmp_path / "two" / hf_dir), _tensors(tmp_path / "one" / hf_dir)
         assert exported.keys() == reference.keys()
         for key, value in reference.items():
-            np.testing.assert_allclose(exported[key], value, rtol=2e-5, atol=2e-6, err_msg=f"{hf_dir}: {key}")
+            np.testing.assert_allclose(exported[key], value, rtol=2e-5, atol=atol, err_msg=f"{hf_dir}: {key}")
     converted, want_converted = (student_params(tmp_path / run / "converted") for run in ("two", "one"))  # Orbax
     assert converted.keys() == want_converted.keys()
     for key, value in want_converted.items():  # the same experts; DP scales from float32-reduced statistics
