@@ -363,3 +363,28 @@ def test_trip_count_follows_the_counter_step_of_an_unrolled_loop():
     costs = program_costs(UNROLLED_LOOP_HLO)
     assert [loop["trip_count"] for loop in costs["loops"]] == [8]
     assert costs["matmul_flops"] == 8 * 2 * 2 * 8 * 8 * 8
+
+
+def test_a_program_the_tpu_compiler_refuses_for_lack_of_hbm_is_planned_as_not_fitting(monkeypatch):
+    """libtpu refuses to compile a step whose temporaries exceed the chip (the recipe on v4-8 does: 34.20G of
+    temporaries against 30.75G available); the plan then reads DOES NOT FIT with the compiler's figure, and the
+    alternatives are tried, instead of a traceback."""
+    from types import SimpleNamespace
+
+    from m2d_jax.plan import planner
+
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(34.20G) exceeds available HBM (30.75G).")
+
+    def refuse():
+        raise jax.errors.JaxRuntimeError(message)
+
+    program = SimpleNamespace(lower=lambda: SimpleNamespace(compile=refuse),
+                              arguments={"teacher_params": 3 * 2 ** 30, "student_params": 2 ** 30})
+    memory = planner._memory_from_compile(program, load_mesh_config("v4-8"))
+    assert memory["temporaries"] == int(34.20 * 2 ** 30) and memory["arguments"] == 4 * 2 ** 30
+    assert memory["peak"] == memory["arguments"] + memory["temporaries"] and "out of HBM" in memory["source"]
+    other = SimpleNamespace(lower=lambda: SimpleNamespace(compile=lambda: (_ for _ in ()).throw(
+        jax.errors.JaxRuntimeError("INTERNAL: something else"))), arguments={})
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):  # other compiler errors are not hidden
+        planner._memory_from_compile(other, load_mesh_config("v4-8"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -210,9 +211,30 @@ def _build(model: str, stage: str, spec: MeshSpec, options: PlanOptions, mesh):
     return program, analytic, teacher, student
 
 
+# libtpu's refusal to compile a program that cannot fit: "... the total memory required for HLO temporaries (34.20G)
+# exceeds available HBM (30.75G)." (G = GiB)
+_OUT_OF_HBM = re.compile(r"Ran out of memory on HBM.*?temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def _out_of_hbm(program, error: Exception, seconds: float) -> dict:
+    """The memory record of a program the TPU compiler refused for lack of HBM: the arguments from the shardings,
+    the temporaries the compiler says it needed (so the plan reads DOES NOT FIT and the alternatives are tried)."""
+    match = _OUT_OF_HBM.search(str(error))
+    if match is None:
+        raise error
+    temporaries = int(float(match.group(1)) * 2 ** (10 * "KMGT".index(match.group(2)) + 10))
+    arguments = sum(program.arguments.values())
+    return {"source": "compiler (TPU AOT): refused, out of HBM", "compile_seconds": round(seconds, 1),
+            "arguments": arguments, "outputs": 0, "aliased": 0, "temporaries": temporaries, "code": 0,
+            "peak": arguments + temporaries}
+
+
 def _memory_from_compile(program, spec: MeshSpec) -> dict:
     started = time.perf_counter()
-    compiled = program.lower().compile()
+    try:
+        compiled = program.lower().compile()
+    except jax.errors.JaxRuntimeError as err:  # RESOURCE_EXHAUSTED: the compiler proves it cannot fit
+        return _out_of_hbm(program, err, time.perf_counter() - started)
     seconds = time.perf_counter() - started
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
