@@ -126,6 +126,12 @@ def traced_on(mesh):
     return activation_sharding(mesh)
 
 
+def host_to_devices(x: np.ndarray, sharding) -> jax.Array:
+    """``x`` (the same on every process) as one array under ``sharding``: each process places only the slices its
+    own devices hold."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def global_batch(rows: np.ndarray, mesh, field: str = "batch_size") -> jax.Array:
     """``rows`` [batch, ...] (the same on every process) as one array sharded over the mesh's batch axes; each
     process places only the rows its devices hold. ``field`` names the option a bad batch size comes from."""
@@ -135,7 +141,7 @@ def global_batch(rows: np.ndarray, mesh, field: str = "batch_size") -> jax.Array
     if rows.shape[0] % shards:
         raise MeshError(f"{field}={rows.shape[0]} is not divisible by the mesh's "
                         f"{' x '.join(BATCH_AXES)} = {shards} batch shards")
-    return jax.make_array_from_callback(rows.shape, batch_sharding(mesh, rows.ndim), lambda index: rows[index])
+    return host_to_devices(rows, batch_sharding(mesh, rows.ndim))
 
 
 def device_rows(rows, mesh=None, dtype=None, field: str = "batch_size") -> jax.Array:
@@ -157,9 +163,7 @@ def place_model(model, mesh):
 
     state = nnx.state(model, nnx.Param)
     host = jax.tree.map(np.asarray, state.to_pure_dict())
-    nnx.replace_by_pure_dict(state, jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), host,
-        param_shardings(model, mesh)))
+    nnx.replace_by_pure_dict(state, jax.tree.map(host_to_devices, host, param_shardings(model, mesh)))
     nnx.update(model, state)
     return model
 
@@ -168,8 +172,7 @@ def replicated_rows(rows: np.ndarray, mesh) -> jax.Array:
     """``rows`` (the same on every process) as one array replicated on every device of ``mesh``."""
     from m2d_jax.distill.sharding import replicated
 
-    rows = np.asarray(rows)
-    return jax.make_array_from_callback(rows.shape, replicated(mesh), lambda index: rows[index])
+    return host_to_devices(np.asarray(rows), replicated(mesh))
 
 
 def to_host(x) -> np.ndarray:

@@ -37,7 +37,7 @@ def token_forward_kl(teacher_logits, student_logits, temperature: float = 1.0):
     return jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
 
 
-def _split_chunks(x, chunk: int):
+def split_position_chunks(x, chunk: int):
     """[B, S, ...] -> [n, B, chunk, ...], S padded with zeros to n * chunk."""
     pad = -x.shape[1] % chunk
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
@@ -45,7 +45,7 @@ def _split_chunks(x, chunk: int):
     return constrain(chunks, (None, "batch", "seq") + (None,) * (x.ndim - 2))
 
 
-def _logits_layout(logits):
+def logits_layout(logits):
     """[B, c, V] logits of one chunk: batch over (data, fsdp), vocabulary over tensor."""
     return constrain(logits, ("batch", "seq", "vocab"))
 
@@ -61,7 +61,7 @@ def _chunked_sums(per_chunk: Callable, xs: tuple, mask, chunk: int):
     s = mask.shape[1]
     if chunk <= 0 or chunk >= s:
         return per_chunk(*xs, mask), count
-    split = functools.partial(_split_chunks, chunk=chunk)
+    split = functools.partial(split_position_chunks, chunk=chunk)
 
     @jax.checkpoint
     def body(total, chunk_xs):
@@ -81,8 +81,8 @@ def forward_kl_sums(student_hidden, teacher_hidden, mask, student_head: Head, te
     """
 
     def per_chunk(hs, ht, m):
-        t_logits = _logits_layout(jax.lax.stop_gradient(teacher_head(ht)))  # [B, c, V]
-        return jnp.sum(token_forward_kl(t_logits, _logits_layout(student_head(hs)), temperature) * m)
+        t_logits = logits_layout(jax.lax.stop_gradient(teacher_head(ht)))  # [B, c, V]
+        return jnp.sum(token_forward_kl(t_logits, logits_layout(student_head(hs)), temperature) * m)
 
     return _chunked_sums(per_chunk, (student_hidden, teacher_hidden), mask, chunk)
 
@@ -112,8 +112,8 @@ def _kl_chunk(hs, ws, ht, wt, m, temperature: float, with_grads: bool):
     KL = sum_v e_T (z_T - z_S) / Z_T - log Z_T + log Z_S (as sum_v p_T = 1) and d/dz_S = (e_S / Z_S - e_T / Z_T) / T.
     """
     ws = ws.astype(hs.dtype)
-    t_logits = _logits_layout(jnp.matmul(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32))  # [B, c, V]
-    s_logits = _logits_layout(jnp.matmul(hs, ws, preferred_element_type=jnp.float32))  # [B, c, V]
+    t_logits = logits_layout(jnp.matmul(ht, wt.astype(ht.dtype), preferred_element_type=jnp.float32))  # [B, c, V]
+    s_logits = logits_layout(jnp.matmul(hs, ws, preferred_element_type=jnp.float32))  # [B, c, V]
     z_t, z_s = (x / temperature - jnp.max(x / temperature, axis=-1, keepdims=True) for x in (t_logits, s_logits))
     e_t, e_s = jnp.exp(z_t), jnp.exp(z_s)  # [B, c, V]
     sum_t, sum_s = jnp.sum(e_t, axis=-1), jnp.sum(e_s, axis=-1)  # [B, c]
@@ -123,7 +123,7 @@ def _kl_chunk(hs, ws, ht, wt, m, temperature: float, with_grads: bool):
     if not with_grads:
         return kl
     scale_t, scale_s = (jnp.where(valid, 1.0 / (x * temperature), 0.0)[..., None] for x in (sum_t, sum_s))
-    d_logits = _logits_layout((e_s * scale_s - e_t * scale_t).astype(hs.dtype))  # [B, c, V], 0 at masked positions
+    d_logits = logits_layout((e_s * scale_s - e_t * scale_t).astype(hs.dtype))  # [B, c, V], 0 at masked positions
     d_hidden = constrain(jnp.einsum("bcv,dv->bcd", d_logits, ws, preferred_element_type=jnp.float32).astype(hs.dtype),
                          ("batch", "seq", "embed"))
     d_kernel = jnp.einsum("bcd,bcv->dv", hs, d_logits, preferred_element_type=jnp.float32)  # [d_S, V]
@@ -146,7 +146,7 @@ def _fused_kl_pass(hs, ws, ht, wt, mask, temperature: float, chunk: int, with_gr
         kl, d_hidden, d_kernel_chunk = out
         return (total + kl, d_kernel + d_kernel_chunk), d_hidden
 
-    xs = tuple(_split_chunks(x, chunk) for x in (hs, ht, mask))  # [n, B, chunk, ...]
+    xs = tuple(split_position_chunks(x, chunk) for x in (hs, ht, mask))  # [n, B, chunk, ...]
     total = jnp.zeros((), jnp.float32)
     if not with_grads:
         return jax.lax.scan(body, total, xs)[0]
@@ -184,7 +184,7 @@ def next_token_ce_sums(hidden, input_ids, mask, head: Head, chunk: int = 0):
     pair_mask = next_token_pairs(mask)
 
     def per_chunk(h, y, m):
-        logp = jax.nn.log_softmax(_logits_layout(head(h)).astype(jnp.float32), axis=-1)  # [B, c, V]
+        logp = jax.nn.log_softmax(logits_layout(head(h)).astype(jnp.float32), axis=-1)  # [B, c, V]
         return -jnp.sum(jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0] * m)
 
     return _chunked_sums(per_chunk, (hidden, labels), pair_mask, chunk)

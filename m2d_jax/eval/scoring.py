@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m2d_jax.distill.loss import logits_layout, split_position_chunks
 from m2d_jax.distributed import device_rows, to_host, traced_on
-from m2d_jax.models.layers import constrain
 
 LOGITS_CHUNK = 2048  # tokens per LM-head chunk: bounds the float32 logits buffer to LOGITS_CHUNK x vocab
 
@@ -33,8 +33,6 @@ def bucket_for(length: int, buckets: list[int]) -> int:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "mesh"))
 def _target_logprobs(graphdef, state, inputs, targets, attention_mask, chunk, mesh=None):
-    from m2d_jax.distill.loss import _split_chunks
-
     with traced_on(mesh):  # with a mesh: every activation keeps the batch sharded (distributed.traced_on)
         model = nnx.merge(graphdef, state)
         hidden = model.hidden_states(inputs, attention_mask)  # [B, T, d]
@@ -43,12 +41,13 @@ def _target_logprobs(graphdef, state, inputs, targets, attention_mask, chunk, me
 
         def score(args):
             hc, yc = args  # [B, c, d], [B, c]
-            logits = constrain(model.logits(hc).astype(jnp.float32), ("batch", "seq", "vocab"))  # [B, c, V]
+            logits = logits_layout(model.logits(hc).astype(jnp.float32))  # [B, c, V]
             target = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
             return target - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == yc
 
         # [chunks, B, c] -> [B, T]
-        logprob, greedy = jax.lax.map(score, (_split_chunks(hidden, positions), _split_chunks(targets, positions)))
+        chunks = tuple(split_position_chunks(x, positions) for x in (hidden, targets))  # [chunks, B, c, ...]
+        logprob, greedy = jax.lax.map(score, chunks)
         return tuple(jnp.moveaxis(x, 0, 1).reshape(b, -1)[:, :t] for x in (logprob, greedy))
 
 
